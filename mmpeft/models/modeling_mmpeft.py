@@ -1,0 +1,480 @@
+"""The mmpeft omni model: a vision encoder and an audio encoder in front of a causal LM.
+
+Read top to bottom: token-reduction helpers, the projector, the model (towers -> features -> scatter into
+the placeholder positions of the LM's input embeddings -> LM).
+
+This file is copied next to saved checkpoints for `trust_remote_code` loading, so it imports only torch,
+transformers and its sibling `configuration_mmpeft.py`.
+"""
+
+import importlib
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers.activations import ACT2FN
+
+from .configuration_mmpeft import MMPeftConfig, num_audio_tokens
+
+
+# Audio encoders whose `AutoModel` is more than the encoder (Whisper's is encoder + decoder): the class to
+# build instead, as (module, class name). Everything else is built with `AutoModel.from_config`.
+AUDIO_ENCODER_CLASSES = {
+    "whisper": ("transformers.models.whisper.modeling_whisper", "WhisperEncoder"),
+}
+
+# Extra constructor arguments for vision encoders whose `AutoModel` carries heads mmpeft does not use
+# (unused parameters break DDP and waste memory).
+VISION_TOWER_KWARGS = {
+    "vit": {"add_pooling_layer": False},
+}
+
+
+def build_audio_tower(audio_config) -> PreTrainedModel:
+    """The audio encoder for `audio_config`, encoder half only."""
+    if audio_config.model_type in AUDIO_ENCODER_CLASSES:
+        module, name = AUDIO_ENCODER_CLASSES[audio_config.model_type]
+        return getattr(importlib.import_module(module), name)(audio_config)
+    return AutoModel.from_config(audio_config)
+
+
+def build_vision_tower(vision_config) -> PreTrainedModel:
+    """The vision encoder for `vision_config`, without pooling heads."""
+    return AutoModel.from_config(vision_config, **VISION_TOWER_KWARGS.get(vision_config.model_type, {}))
+
+
+def load_vision_tower(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """The pretrained vision encoder of a checkpoint; for dual encoders (CLIP, SigLIP) its vision half."""
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    config = getattr(config, "vision_config", None) or config
+    extra = VISION_TOWER_KWARGS.get(config.model_type, {})
+    return AutoModel.from_pretrained(name_or_path, config=config, **extra, **kwargs)
+
+
+def load_audio_tower(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """The pretrained audio encoder of a checkpoint; for encoder-decoders (Whisper) its encoder half."""
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    config = getattr(config, "audio_config", None) or config
+    if config.model_type in AUDIO_ENCODER_CLASSES:
+        module, name = AUDIO_ENCODER_CLASSES[config.model_type]
+        encoder_class = getattr(importlib.import_module(module), name)
+        # Full-model checkpoints store the encoder under `model.encoder.`.
+        return encoder_class.from_pretrained(
+            name_or_path, config=config, key_mapping={r"^model\.encoder\.": ""}, **kwargs
+        )
+    return AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token reduction: (num_items, tokens, dim) -> (num_items, fewer tokens, dim * width_multiplier)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def pixel_shuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """Merge each `factor x factor` square of patches into one token `factor**2` times wider.
+
+    `features`: (num_images, grid * grid, dim) -> (num_images, (grid / factor) ** 2, dim * factor ** 2).
+    """
+    num_images, num_patches, dim = features.shape
+    grid = int(num_patches**0.5)
+    features = features.reshape(num_images, grid // factor, factor, grid // factor, factor, dim)
+    features = features.permute(0, 1, 3, 2, 4, 5)
+    return features.reshape(num_images, (grid // factor) ** 2, dim * factor * factor)
+
+
+def avg_pool(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average each `factor x factor` square of patches.
+
+    `features`: (num_images, grid * grid, dim) -> (num_images, (grid / factor) ** 2, dim).
+    """
+    num_images, num_patches, dim = features.shape
+    grid = int(num_patches**0.5)
+    features = features.transpose(1, 2).reshape(num_images, dim, grid, grid)
+    features = F.avg_pool2d(features, factor)
+    return features.flatten(2).transpose(1, 2)
+
+
+def stack_frames(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """Concatenate every `factor` consecutive frames into one token (the last group zero-padded).
+
+    `features`: (num_clips, frames, dim) -> (num_clips, ceil(frames / factor), dim * factor).
+    """
+    num_clips, frames, dim = features.shape
+    features = F.pad(features, (0, 0, 0, -frames % factor))
+    return features.reshape(num_clips, -1, dim * factor)
+
+
+# name -> (function, how much wider a token gets)
+VISION_TOKEN_REDUCTIONS = {
+    "none": (lambda features, factor: features, lambda factor: 1),
+    "avg_pool": (avg_pool, lambda factor: 1),
+    "pixel_shuffle": (pixel_shuffle, lambda factor: factor * factor),
+}
+
+
+class MMPeftProjector(nn.Module):
+    """Maps encoder features to the LM's embedding width: LLaVA's 2-layer MLP (`"mlp"`) or one `"linear"` layer."""
+
+    def __init__(self, in_features: int, out_features: int, projector_type: str, hidden_act: str):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, out_features)
+        if projector_type == "mlp":
+            self.act = ACT2FN[hidden_act]
+            self.linear_2 = nn.Linear(out_features, out_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.linear_1(features)
+        if hasattr(self, "linear_2"):
+            hidden_states = self.linear_2(self.act(hidden_states))
+        return hidden_states
+
+
+class MMPeftPreTrainedModel(PreTrainedModel):
+    config: MMPeftConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "audio", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
+    """Vision encoder + audio encoder + causal LM, joined by projectors.
+
+    Submodules (root-level, so PEFT targets and quantization skip lists stay simple): `vision_tower`,
+    `vision_projector`, `audio_tower`, `audio_projector` (each `None` when the modality is absent) and
+    `language_model` (any `AutoModelForCausalLM`).
+    """
+
+    def __init__(self, config: MMPeftConfig):
+        super().__init__(config)
+        self.vision_tower = self.vision_projector = None
+        self.audio_tower = self.audio_projector = None
+        if config.vision_config is not None:
+            self.vision_tower = build_vision_tower(config.vision_config)
+            self.vision_projector = self._build_vision_projector()
+        if config.audio_config is not None:
+            self.audio_tower = build_audio_tower(config.audio_config)
+            self.audio_projector = self._build_audio_projector()
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+        if self._auto_class is not None:
+            # `save_pretrained` records one Auto class per model class in `auto_map`; add the causal-LM one.
+            config.auto_map = {
+                **(getattr(config, "auto_map", None) or {}),
+                "AutoModelForCausalLM": f"{__name__.split('.')[-1]}.{type(self).__name__}",
+            }
+        # An untrained model must never emit a placeholder: generation could not continue past it.
+        placeholders = [i for i in (config.image_token_id, config.audio_token_id) if i is not None]
+        self.generation_config.suppress_tokens = placeholders or None
+
+    @classmethod
+    def from_pretrained_parts(
+        cls,
+        text: str | os.PathLike,
+        vision: str | os.PathLike | None = None,
+        audio: str | os.PathLike | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        chat_template: str | None = None,
+        **config_kwargs,
+    ):
+        """Compose a new model from pretrained parts, keeping their weights.
+
+        Args:
+            text: Hub id or directory of a causal LM (with its tokenizer).
+            vision: Hub id or directory of a vision encoder (with its image processor), or `None`.
+            audio: Hub id or directory of an audio encoder (with its feature extractor), or `None`.
+            dtype: dtype to load the parts in (projectors follow).
+            chat_template: processor chat template; defaults to ChatML with image / audio / text parts.
+            config_kwargs: projector and feature settings of `MMPeftConfig` (`vision_projector_type`,
+                `vision_token_reduction`, `audio_frames_per_token`, `vision_feature_layer`, ...).
+
+        Returns:
+            `(model, processor)`. The placeholder tokens (and the ChatML markers if missing) are added to the
+            tokenizer and the LM's embeddings resized; the projectors are newly initialised.
+
+        Example:
+            ```python
+            model, processor = MMPeftForConditionalGeneration.from_pretrained_parts(
+                text="Qwen/Qwen2.5-0.5B-Instruct",
+                vision="google/siglip-base-patch16-224",
+                audio="openai/whisper-base",
+                audio_frames_per_token=4,
+            )
+            ```
+        """
+        from .processing_mmpeft import CHAT_SPECIAL_TOKENS, MMPeftProcessor
+
+        tokenizer = AutoTokenizer.from_pretrained(text)
+        placeholders = {"image": "<image>" if vision else None, "audio": "<audio>" if audio else None}
+        new_tokens = [
+            t for t in [*CHAT_SPECIAL_TOKENS, *placeholders.values()] if t and t not in tokenizer.get_vocab()
+        ]
+        tokenizer.add_tokens(new_tokens, special_tokens=True)
+        language_model = AutoModelForCausalLM.from_pretrained(text, dtype=dtype)
+        if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
+            language_model.resize_token_embeddings(len(tokenizer))
+
+        towers = {
+            "vision_tower": load_vision_tower(vision, dtype=dtype) if vision else None,
+            "audio_tower": load_audio_tower(audio, dtype=dtype) if audio else None,
+        }
+        config = MMPeftConfig(
+            text_config=language_model.config,
+            vision_config=towers["vision_tower"].config if vision else None,
+            audio_config=towers["audio_tower"].config if audio else None,
+            image_token_id=tokenizer.convert_tokens_to_ids(placeholders["image"]) if vision else None,
+            audio_token_id=tokenizer.convert_tokens_to_ids(placeholders["audio"]) if audio else None,
+            **config_kwargs,
+        )
+        # Build the shell on the meta device (no memory, no init), then put the pretrained parts in and
+        # initialise only the projectors, which are new.
+        with torch.device("meta"):
+            model = cls(config)
+        model.language_model = language_model
+        for name, tower in towers.items():
+            setattr(model, name, tower)
+        if vision:
+            model.vision_projector = model._build_vision_projector()
+        if audio:
+            model.audio_projector = model._build_audio_projector()
+        for projector in (model.vision_projector, model.audio_projector):
+            if projector is not None:
+                projector.apply(model._init_weights)
+        if dtype is not None:
+            model.to(dtype)
+
+        generation_config = language_model.generation_config
+        eos = generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        generation_config.eos_token_id = eos + [im_end] if im_end not in eos else eos
+        if generation_config.pad_token_id is None:
+            generation_config.pad_token_id = (
+                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0] if eos else None
+            )
+        generation_config.suppress_tokens = model.generation_config.suppress_tokens
+        model.generation_config = generation_config
+
+        processor = MMPeftProcessor(
+            image_processor=AutoImageProcessor.from_pretrained(vision) if vision else None,
+            feature_extractor=AutoFeatureExtractor.from_pretrained(audio) if audio else None,
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+            image_seq_length=config.num_image_tokens if vision else None,
+            audio_downsampling=config.audio_downsampling if audio else None,
+            audio_frames_per_token=config.audio_frames_per_token,
+        )
+        return model, processor
+
+    def _build_vision_projector(self) -> MMPeftProjector:
+        config = self.config
+        widen = VISION_TOKEN_REDUCTIONS[config.vision_token_reduction][1](config.vision_reduction_factor)
+        return MMPeftProjector(
+            config.vision_config.hidden_size * widen,
+            config.text_config.hidden_size,
+            config.vision_projector_type,
+            config.projector_hidden_act,
+        )
+
+    def _build_audio_projector(self) -> MMPeftProjector:
+        config = self.config
+        # Whisper calls its width `d_model`; most others `hidden_size`. `attribute_map` makes both work.
+        return MMPeftProjector(
+            config.audio_config.hidden_size * config.audio_frames_per_token,
+            config.text_config.hidden_size,
+            config.audio_projector_type,
+            config.projector_hidden_act,
+        )
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module):
+        self.language_model.set_output_embeddings(value)
+
+    def _require(self, modality: str, tower: nn.Module | None):
+        if tower is None:
+            raise ValueError(
+                f"{modality} inputs were given, but this model was built without the {modality} modality "
+                f"(its config has no {'vision' if modality == 'image' else 'audio'}_config)."
+            )
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Encode and project images.
+
+        Args:
+            pixel_values: (num_images, channels, height, width).
+
+        Returns:
+            (num_images, config.num_image_tokens, text hidden size).
+        """
+        self._require("image", self.vision_tower)
+        config = self.config
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        features = outputs.hidden_states[config.vision_feature_layer]
+        if config.vision_feature_select_strategy == "default":
+            features = features[:, -(config.vision_grid_size**2) :]  # drop CLS / register tokens
+        reduce = VISION_TOKEN_REDUCTIONS[config.vision_token_reduction][0]
+        features = reduce(features, config.vision_reduction_factor)
+        return self.vision_projector(features)
+
+    def get_audio_features(
+        self, audio_inputs: torch.Tensor, audio_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode and project audio clips, padding included.
+
+        Args:
+            audio_inputs: log-mel `input_features` (num_clips, mel_bins, frames) or raw `input_values`
+                (num_clips, samples), whichever the audio tower takes.
+            audio_mask: (num_clips, frames or samples), 1 on valid positions.
+
+        Returns:
+            features (num_clips, max tokens, text hidden size) and the number of valid tokens per clip
+            (num_clips,): `num_audio_tokens` of each clip's valid length.
+        """
+        self._require("audio", self.audio_tower)
+        config = self.config
+        outputs = self.audio_tower(
+            **{self.audio_tower.main_input_name: audio_inputs.to(self.audio_tower.dtype)},
+            attention_mask=audio_mask,
+            return_dict=True,
+        )
+        features = stack_frames(outputs.last_hidden_state, config.audio_frames_per_token)
+        lengths = [
+            num_audio_tokens(length, config.audio_downsampling, config.audio_frames_per_token)
+            for length in audio_mask.sum(-1).tolist()
+        ]
+        return self.audio_projector(features), torch.tensor(lengths, device=features.device)
+
+    def _scatter(self, input_ids, inputs_embeds, features, token_id, modality, tokens_per_item):
+        """Put `features` (total_tokens, hidden) into the positions of `token_id`, checking counts first."""
+        mask = input_ids == token_id
+        tokens_per_sample = mask.sum(-1).tolist()
+        if sum(tokens_per_sample) != features.shape[0]:
+            sample = _first_misaligned_sample(tokens_per_sample, tokens_per_item)
+            raise ValueError(
+                f"{modality} features and {modality} tokens do not match: input_ids hold "
+                f"{sum(tokens_per_sample)} {modality} tokens (per sample: {tokens_per_sample}) but the {modality} "
+                f"inputs give {features.shape[0]} features (per {modality} input: {tokens_per_item}); first "
+                f"mismatch at sample {sample}. Was a placeholder run truncated or an input dropped?"
+            )
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features.to(inputs_embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
+        input_values_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ):
+        r"""
+        Args:
+            input_ids: (batch, seq); each image fills `config.num_image_tokens` positions of `image_token_id`,
+                each audio clip `num_audio_tokens(...)` positions of `audio_token_id`.
+            attention_mask: (batch, seq).
+            pixel_values: (num_images, 3, height, width), images in order of their placeholders.
+            input_features, feature_attention_mask: (num_clips, mel_bins, frames) and (num_clips, frames), for
+                log-mel audio encoders (Whisper).
+            input_values, input_values_mask: (num_clips, samples) and (num_clips, samples), for waveform audio
+                encoders (Wav2Vec2, HuBERT, WavLM).
+            labels: (batch, seq), -100 where no loss is taken.
+            kwargs: passed to the language model (`past_key_values`, `position_ids`, `use_cache`, ...).
+
+        Returns:
+            The language model's `CausalLMOutputWithPast` (loss, logits (batch, seq, vocab), past_key_values).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        audio_inputs, audio_mask = (
+            (input_features, feature_attention_mask)
+            if input_features is not None
+            else (input_values, input_values_mask)
+        )
+        has_media = pixel_values is not None or audio_inputs is not None
+        if inputs_embeds is not None:
+            if has_media:
+                raise ValueError(
+                    "Images and audio need `input_ids` (to find their placeholders), not `inputs_embeds`."
+                )
+            return self.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
+            )
+
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+            tokens_per_image = [image_features.shape[1]] * image_features.shape[0]
+            inputs_embeds = self._scatter(
+                input_ids,
+                inputs_embeds,
+                image_features.flatten(0, 1),
+                self.config.image_token_id,
+                "image",
+                tokens_per_image,
+            )
+        elif self.config.image_token_id is not None and (n := int((input_ids == self.config.image_token_id).sum())):
+            raise ValueError(f"input_ids hold {n} image tokens but no `pixel_values` were given.")
+
+        if audio_inputs is not None:
+            if audio_mask is None:  # every position valid
+                audio_mask = torch.ones(
+                    audio_inputs.shape[0], audio_inputs.shape[-1], dtype=torch.long, device=audio_inputs.device
+                )
+            audio_features, lengths = self.get_audio_features(audio_inputs, audio_mask)
+            valid = torch.arange(audio_features.shape[1], device=lengths.device) < lengths[:, None]
+            inputs_embeds = self._scatter(
+                input_ids, inputs_embeds, audio_features[valid], self.config.audio_token_id, "audio", lengths.tolist()
+            )
+        elif self.config.audio_token_id is not None and (n := int((input_ids == self.config.audio_token_id).sum())):
+            raise ValueError(
+                f"input_ids hold {n} audio tokens but no audio inputs (`input_features` / `input_values`) were given."
+            )
+
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+
+def _first_misaligned_sample(tokens_per_sample: list[int], tokens_per_item: list[int]) -> int:
+    """Index of the first sample whose placeholder count does not line up with the media items in order."""
+    items = iter(tokens_per_item)
+    for sample, needed in enumerate(tokens_per_sample):
+        taken = 0
+        while taken < needed:
+            item = next(items, None)
+            if item is None:
+                return sample
+            taken += item
+        if taken != needed:
+            return sample
+    return len(tokens_per_sample) - 1  # placeholders all matched: items are left over after the last sample
+
+
+__all__ = ["MMPeftForConditionalGeneration", "MMPeftPreTrainedModel", "MMPeftProjector"]

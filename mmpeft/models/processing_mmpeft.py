@@ -1,0 +1,174 @@
+"""Processor of the mmpeft omni model: tokenizer + image processor + audio feature extractor + chat template.
+
+This file is copied next to saved checkpoints for `trust_remote_code` loading, so it imports only numpy,
+transformers and its sibling `configuration_mmpeft.py`.
+"""
+
+import math
+
+import numpy as np
+from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
+from transformers.processing_utils import ProcessorMixin
+
+from .configuration_mmpeft import num_audio_tokens
+
+
+# Turn markers of the default chat template; `from_pretrained_parts` adds them to tokenizers that lack them.
+CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+# ChatML with multimodal content parts: `{"type": "image"}`, `{"type": "audio"}`, `{"type": "text", "text": ...}`.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{{- '<image>' }}"
+    "{%- elif part['type'] == 'audio' %}{{- '<audio>' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Name of the padding mask the model takes next to each kind of audio input.
+AUDIO_MASK_NAMES = {"input_features": "feature_attention_mask", "input_values": "input_values_mask"}
+
+
+class MMPeftProcessor(ProcessorMixin):
+    r"""
+    Turns text with `<image>` / `<audio>` placeholders, images and audio into model inputs.
+
+    Each `<image>` expands to `image_seq_length` image tokens; each `<audio>` expands to the number of tokens
+    its clip becomes in the model (`num_audio_tokens`, the same function the model uses). A clip longer
+    than `max_audio_seconds` is split into equal chunks that the encoder sees one by one; their tokens follow
+    each other under the one placeholder, so no audio is ever cut off.
+
+    Args:
+        image_processor: any image processor (`None` for a model without images).
+        feature_extractor: a log-mel (Whisper) or waveform (Wav2Vec2) feature extractor (`None`: no audio).
+        tokenizer: the LM's tokenizer, with the placeholder tokens added.
+        chat_template: Jinja template; defaults to ChatML with image / audio / text content parts.
+        image_token, audio_token: the placeholder strings.
+        image_seq_length: tokens per image (`MMPeftConfig.num_image_tokens`).
+        audio_downsampling: the audio encoder's strided layers (`MMPeftConfig.audio_downsampling`).
+        audio_frames_per_token: `MMPeftConfig.audio_frames_per_token`.
+        max_audio_seconds: longest chunk given to the audio encoder. Defaults to the window of fixed-window
+            extractors (Whisper's `chunk_length`, 30 s for Whisper) and to 30 s otherwise.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        feature_extractor=None,
+        tokenizer=None,
+        chat_template=None,
+        image_token="<image>",
+        audio_token="<audio>",
+        image_seq_length=None,
+        audio_downsampling=None,
+        audio_frames_per_token=1,
+        max_audio_seconds=None,
+        **kwargs,
+    ):
+        if tokenizer is None:
+            raise ValueError("MMPeftProcessor needs a tokenizer.")
+        if image_processor is not None and image_seq_length is None:
+            raise ValueError("`image_seq_length` is required with an image processor.")
+        if feature_extractor is not None and audio_downsampling is None:
+            raise ValueError("`audio_downsampling` is required with a feature extractor.")
+        self.image_token = image_token if image_processor is not None else None
+        self.audio_token = audio_token if feature_extractor is not None else None
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if image_processor is not None else None
+        self.audio_token_id = tokenizer.convert_tokens_to_ids(audio_token) if feature_extractor is not None else None
+        self.image_seq_length = image_seq_length
+        self.audio_downsampling = [list(layer) for layer in audio_downsampling] if audio_downsampling else None
+        self.audio_frames_per_token = audio_frames_per_token
+        if feature_extractor is not None and max_audio_seconds is None:
+            max_audio_seconds = getattr(feature_extractor, "chunk_length", 30)
+        self.max_audio_seconds = max_audio_seconds
+
+        # ProcessorMixin expects every sub-processor in the signature to exist; a modality the model lacks
+        # has none. Narrow this instance's attribute list to the present ones (the class keeps all three,
+        # so `from_pretrained` still knows every possible one).
+        present = {
+            name: value
+            for name, value in (
+                ("image_processor", image_processor),
+                ("feature_extractor", feature_extractor),
+                ("tokenizer", tokenizer),
+            )
+            if value is not None
+        }
+        self.get_attributes = lambda: list(present)
+        super().__init__(**present, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        # A saved processor lists only the sub-processors it has in processor_config.json.
+        processor_dict = processor_dict or {}
+        kwargs.pop("subfolder", None)
+        image_processor = feature_extractor = None
+        if processor_dict.get("image_processor") is not None:
+            image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if processor_dict.get("feature_extractor") is not None:
+            feature_extractor = AutoFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return [image_processor, feature_extractor, tokenizer]
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.image_seq_length
+
+    def num_audio_tokens(self, length: int) -> int:
+        """Tokens one audio chunk of `length` valid input positions (frames or samples) becomes."""
+        return num_audio_tokens(length, self.audio_downsampling, self.audio_frames_per_token)
+
+    def _process_audio(self, audio, **kwargs):
+        extractor = self.feature_extractor
+        max_samples = int(self.max_audio_seconds * extractor.sampling_rate)
+        chunks, chunks_per_clip = [], []
+        for index, clip in enumerate(audio):
+            clip = np.asarray(clip, dtype=np.float32)
+            if clip.ndim != 1 or clip.size == 0:
+                raise ValueError(
+                    f"audio {index}: expected a non-empty mono waveform (1-D array), got shape {clip.shape}."
+                )
+            # Equal chunks rather than full ones plus a sliver, so every chunk carries enough signal.
+            num_chunks = math.ceil(clip.size / max_samples)
+            chunks.extend(np.array_split(clip, num_chunks))
+            chunks_per_clip.append(num_chunks)
+
+        # Fixed-window extractors (Whisper) pad to their window; others pad to the longest chunk.
+        padding = "max_length" if hasattr(extractor, "n_samples") else "longest"
+        outputs = extractor(
+            chunks,
+            sampling_rate=extractor.sampling_rate,
+            padding=padding,
+            return_attention_mask=True,
+            return_tensors="np",
+        )
+        input_name = extractor.model_input_names[0]
+        mask = outputs["attention_mask"]
+        tokens_per_chunk = [self.num_audio_tokens(int(length)) for length in mask.sum(-1)]
+
+        replacements, start = [], 0
+        for index, num_chunks in enumerate(chunks_per_clip):
+            tokens = tokens_per_chunk[start : start + num_chunks]
+            if min(tokens) < 1:
+                raise ValueError(f"audio {index} is too short: a chunk of it gives no audio tokens.")
+            replacements.append(self.audio_token * sum(tokens))
+            start += num_chunks
+        return {input_name: outputs[input_name], AUDIO_MASK_NAMES[input_name]: mask}, replacements
+
+    @property
+    def model_input_names(self) -> list[str]:
+        names = list(self.tokenizer.model_input_names)
+        if getattr(self, "image_processor", None) is not None:
+            names += self.image_processor.model_input_names
+        if getattr(self, "feature_extractor", None) is not None:
+            input_name = self.feature_extractor.model_input_names[0]
+            names += [input_name, AUDIO_MASK_NAMES[input_name]]
+        return names
+
+
+__all__ = ["MMPeftProcessor", "DEFAULT_CHAT_TEMPLATE", "CHAT_SPECIAL_TOKENS"]

@@ -1,0 +1,252 @@
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tiny_parts import AUDIO_CONFIGS, TEXT_FAMILIES, VISION_CONFIGS, build, media
+
+from mmpeft import MMPeftForConditionalGeneration
+
+
+PROMPT = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": "What is it?"}]},
+]
+
+
+def make_inputs(processor, num_images=1, audio_seconds=(0.6,), messages=PROMPT, seed=0):
+    images, audio = media(seed, num_images, audio_seconds)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(text=[text], images=images or None, audio=audio or None, return_tensors="pt")
+
+
+# Every LM family with every vision encoder; the audio encoders take turns (each appears 5 times).
+MATRIX = [
+    (text, vision, list(AUDIO_CONFIGS)[i % len(AUDIO_CONFIGS)])
+    for i, (text, vision) in enumerate(itertools.product(TEXT_FAMILIES, VISION_CONFIGS))
+]
+
+
+@pytest.mark.parametrize("text,vision,audio", MATRIX)
+def test_forward_backward_generate(text, vision, audio, tok):
+    model, processor = build(text, vision, audio, tok, audio_frames_per_token=2)
+    inputs = make_inputs(processor)
+    n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    n_audio = int((inputs["input_ids"] == model.config.audio_token_id).sum())
+    assert n_image == model.config.num_image_tokens > 0 and n_audio > 0
+
+    model.train()
+    outputs = model(**inputs, labels=inputs["input_ids"])
+    assert outputs.logits.shape == (*inputs["input_ids"].shape, len(tok))
+    assert torch.isfinite(outputs.loss)
+    outputs.loss.backward()
+    # Gradient reaches every part: both encoders through their projectors, and the LM.
+    for part in ("vision_tower", "vision_projector", "audio_tower", "audio_projector", "language_model"):
+        grads = [p.grad for p in getattr(model, part).parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), part
+
+    model.eval()
+    cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert cached.shape[1] == inputs["input_ids"].shape[1] + 6
+    assert torch.equal(cached, uncached)
+
+
+def test_generation_never_emits_placeholders(tok):
+    model, processor = build(tok=tok)
+    # Make the placeholder ids the most likely tokens; generation must still avoid them.
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        head.weight[model.config.image_token_id] = 0
+        head.weight[model.config.audio_token_id] = 0
+        head.weight[model.config.image_token_id, 0] = 100.0
+    inputs = make_inputs(processor)
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    assert not torch.isin(generated, torch.tensor([model.config.image_token_id, model.config.audio_token_id])).any()
+
+
+@pytest.mark.parametrize("reduction,factor", [("none", 1), ("avg_pool", 2), ("pixel_shuffle", 2)])
+@pytest.mark.parametrize("projector", ["mlp", "linear"])
+def test_projector_and_token_reduction(reduction, factor, projector, tok):
+    model, processor = build(
+        vision_token_reduction=reduction,
+        vision_reduction_factor=max(factor, 1),
+        vision_projector_type=projector,
+        audio_projector_type=projector,
+        audio_frames_per_token=3,
+        tok=tok,
+    )
+    grid = 32 // 8 // factor
+    assert model.config.num_image_tokens == grid * grid
+    pixel_values = make_inputs(processor)["pixel_values"]
+    assert model.get_image_features(pixel_values).shape == (1, grid * grid, model.config.text_config.hidden_size)
+    assert hasattr(model.vision_projector, "linear_2") == (projector == "mlp")
+    outputs = model(**make_inputs(processor))
+    assert torch.isfinite(outputs.logits).all()
+
+
+def test_pixel_shuffle_keeps_every_feature():
+    from mmpeft.models.modeling_mmpeft import pixel_shuffle, stack_frames
+
+    features = torch.arange(2 * 16 * 3, dtype=torch.float).reshape(2, 16, 3)
+    shuffled = pixel_shuffle(features, 2)
+    assert shuffled.shape == (2, 4, 12)
+    assert torch.equal(shuffled.flatten().sort().values, features.flatten())
+    # Top-left token holds patches (0,0), (0,1), (1,0), (1,1) of the 4x4 grid.
+    assert shuffled[0, 0].reshape(4, 3)[:, 0].tolist() == [0.0, 3.0, 12.0, 15.0]
+    stacked = stack_frames(torch.ones(1, 5, 2), 2)
+    assert stacked.shape == (1, 3, 4) and stacked[0, 2].tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_save_load_exact_logits(tmp_path, tok):
+    # GPT-2 ties its head to its embeddings.
+    model, processor = build("gpt2", "clip", "wav2vec2", tok, audio_frames_per_token=4)
+    inputs = make_inputs(processor)
+    expected = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = MMPeftForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert reloaded.get_output_embeddings().weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(reloaded(**inputs).logits, expected)
+
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto_class in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        model = auto_class.from_pretrained(tmp_path).eval()
+        assert isinstance(model, MMPeftForConditionalGeneration)
+        assert torch.equal(model(**inputs).logits, expected)
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class HideMMPeft(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "mmpeft" or name.startswith("mmpeft."):
+                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
+
+    sys.meta_path.insert(0, HideMMPeft())
+    try:
+        import mmpeft  # noqa: F401
+        raise SystemExit("mmpeft is importable")
+    except ModuleNotFoundError:
+        pass
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+    checkpoint, inputs_file, out_file = sys.argv[1:4]
+    text, images, audio = torch.load(inputs_file, weights_only=False)
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    inputs = processor(text=[text], images=images, audio=audio, return_tensors="pt")
+    results = {}
+    for auto_class in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        model = auto_class.from_pretrained(checkpoint, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        with torch.no_grad():
+            results[auto_class.__name__] = model(**inputs).logits
+    results["input_ids"] = inputs["input_ids"]
+    torch.save(results, out_file)
+    """
+)
+
+
+def test_remote_code_load_without_mmpeft(tmp_path, tok):
+    model, processor = build("qwen2", "siglip", "whisper", tok, vision_token_reduction="pixel_shuffle")
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    for name in ("modeling_mmpeft.py", "configuration_mmpeft.py", "processing_mmpeft.py"):
+        assert (checkpoint / name).exists(), name
+
+    images, audio = media(1, num_images=2, audio_seconds=(0.5, 1.7))
+    content = [{"type": "image"}, {"type": "audio"}, {"type": "image"}, {"type": "audio"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    torch.save((text, images, audio), tmp_path / "inputs.pt")
+    inputs = processor(text=[text], images=images, audio=audio, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+
+    script = tmp_path / "load_remote.py"
+    script.write_text(REMOTE_SCRIPT)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    cwd = tmp_path  # not the repository root, so `mmpeft/` is not importable from the working directory
+    result = subprocess.run(
+        [sys.executable, str(script), str(checkpoint), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "out.pt")
+    assert torch.equal(remote["input_ids"], inputs["input_ids"])
+    assert torch.equal(remote["AutoModelForImageTextToText"], expected)
+    assert torch.equal(remote["AutoModelForCausalLM"], expected)
+
+
+def test_placeholder_count_mismatch_names_counts_and_sample(tok):
+    model, processor = build(tok=tok)
+    one = make_inputs(processor)
+    ids = one["input_ids"]
+    batch = {
+        "input_ids": torch.cat([ids, ids]),
+        "attention_mask": torch.cat([one["attention_mask"]] * 2),
+        "pixel_values": one["pixel_values"].repeat(2, 1, 1, 1),
+        "input_features": one["input_features"].repeat(2, 1, 1),
+        "feature_attention_mask": one["feature_attention_mask"].repeat(2, 1),
+    }
+    model(**batch)  # consistent batch works
+
+    # Sample 1 loses one image token (as if truncation cut into its placeholder run).
+    broken = dict(batch, input_ids=batch["input_ids"].clone())
+    position = (broken["input_ids"][1] == model.config.image_token_id).nonzero()[-1]
+    broken["input_ids"][1, position] = 0
+    n = model.config.num_image_tokens
+    with pytest.raises(ValueError, match=rf"image features and image tokens do not match.*{2 * n - 1} image tokens.*"
+                       rf"per sample: \[{n}, {n - 1}\].*{2 * n} features.*sample 1"):
+        model(**broken)
+
+    # One audio clip too many for the placeholders.
+    extra = dict(batch, input_features=batch["input_features"][:1].repeat(3, 1, 1),
+                 feature_attention_mask=batch["feature_attention_mask"][:1].repeat(3, 1))
+    with pytest.raises(ValueError, match=r"audio features and audio tokens do not match.*sample 1"):
+        model(**extra)
+
+
+def test_placeholders_without_media_and_media_without_modality(tok):
+    model, processor = build(tok=tok)
+    inputs = make_inputs(processor)
+    with pytest.raises(ValueError, match=r"image tokens but no `pixel_values`"):
+        model(input_ids=inputs["input_ids"], input_features=inputs["input_features"],
+              feature_attention_mask=inputs["feature_attention_mask"])
+    with pytest.raises(ValueError, match=r"audio tokens but no audio inputs"):
+        model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+
+    text_only, text_processor = build(vision=None, audio=None, tok=tok)
+    assert text_only.vision_tower is None and text_only.audio_tower is None
+    with pytest.raises(ValueError, match=r"built without the image modality"):
+        text_only(input_ids=inputs["input_ids"][:, :4], pixel_values=inputs["pixel_values"])
+    with pytest.raises(ValueError, match=r"built without the audio modality"):
+        text_only(input_ids=inputs["input_ids"][:, :4], input_features=inputs["input_features"])
+
+
+@pytest.mark.parametrize("audio", ["whisper", "wav2vec2"])
+def test_long_audio_is_chunked_not_truncated(audio, tok):
+    model, processor = build(vision=None, audio=audio, tok=tok)
+    window = processor.max_audio_seconds
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Transcribe."}]}]
+    short = make_inputs(processor, num_images=0, audio_seconds=(window * 0.9,), messages=messages)
+    long = make_inputs(processor, num_images=0, audio_seconds=(window * 2.7,), messages=messages)
+    name = "input_features" if audio == "whisper" else "input_values"
+    assert short[name].shape[0] == 1 and long[name].shape[0] == 3  # three chunks of one clip
+    n_short = int((short["input_ids"] == model.config.audio_token_id).sum())
+    n_long = int((long["input_ids"] == model.config.audio_token_id).sum())
+    assert n_long > 2.5 * n_short  # every second of the clip got tokens
+    mask_name = "feature_attention_mask" if audio == "whisper" else "input_values_mask"
+    assert long[mask_name].sum() >= int(window * 2.7 * 16000) // (160 if audio == "whisper" else 1) - 3
+    assert torch.isfinite(model(**long).logits).all()
