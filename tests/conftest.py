@@ -1,11 +1,14 @@
 import os
 import sys
+import tempfile
 
 
 # Tests never touch the network (those that test the Hub point HF_ENDPOINT at a server they start).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The reference checkpoint and the synthetic dataset are built into a fresh cache, never the user's.
+os.environ["MMPEFT_CACHE"] = tempfile.mkdtemp(prefix="mmpeft-test-cache-")
 sys.path.insert(0, os.path.dirname(__file__))  # tiny_parts
 
 import pytest  # noqa: E402

@@ -123,7 +123,13 @@ class MMPeftProcessor(ProcessorMixin):
         """Tokens one audio chunk of `length` valid input positions (frames or samples) becomes."""
         return num_audio_tokens(length, self.audio_downsampling, self.audio_frames_per_token)
 
-    def _process_audio(self, audio, **kwargs):
+    def process_audio(self, audio: list) -> tuple[dict, list[int]]:
+        """Audio features of `audio` (mono waveforms at the extractor's sampling rate) and tokens per clip.
+
+        Returns:
+            `({input_name: (num_chunks, ...), mask_name: (num_chunks, length)}, tokens_per_clip)`, where
+            `input_name` is `input_features` (log-mel extractors) or `input_values` (waveform extractors).
+        """
         extractor = self.feature_extractor
         max_samples = int(self.max_audio_seconds * extractor.sampling_rate)
         chunks, chunks_per_clip = [], []
@@ -151,14 +157,18 @@ class MMPeftProcessor(ProcessorMixin):
         mask = outputs["attention_mask"]
         tokens_per_chunk = [self.num_audio_tokens(int(length)) for length in mask.sum(-1)]
 
-        replacements, start = [], 0
+        tokens_per_clip, start = [], 0
         for index, num_chunks in enumerate(chunks_per_clip):
             tokens = tokens_per_chunk[start : start + num_chunks]
             if min(tokens) < 1:
                 raise ValueError(f"audio {index} is too short: a chunk of it gives no audio tokens.")
-            replacements.append(self.audio_token * sum(tokens))
+            tokens_per_clip.append(sum(tokens))
             start += num_chunks
-        return {input_name: outputs[input_name], AUDIO_MASK_NAMES[input_name]: mask}, replacements
+        return {input_name: outputs[input_name], AUDIO_MASK_NAMES[input_name]: mask}, tokens_per_clip
+
+    def _process_audio(self, audio, **kwargs):
+        features, tokens_per_clip = self.process_audio(audio)
+        return features, [self.audio_token * tokens for tokens in tokens_per_clip]
 
     @property
     def model_input_names(self) -> list[str]:

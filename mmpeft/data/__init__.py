@@ -1,0 +1,24 @@
+"""Data: dataset formats -> canonical conversations -> validated examples -> batches."""
+
+from .collator import MMPeftDataCollator
+from .dataset import Example, MMPeftDataset, SkipReport, prepare_examples
+from .formats import BadSampleError, Record, read_records, to_conversation
+from .media import MediaError, load_audio, load_image
+from .synthetic import generate_synthetic_dataset
+
+
+__all__ = [
+    "BadSampleError",
+    "Example",
+    "MMPeftDataCollator",
+    "MMPeftDataset",
+    "MediaError",
+    "Record",
+    "SkipReport",
+    "generate_synthetic_dataset",
+    "load_audio",
+    "load_image",
+    "prepare_examples",
+    "read_records",
+    "to_conversation",
+]

@@ -1,0 +1,200 @@
+"""Dataset formats -> canonical conversations.
+
+A canonical conversation is a list of `{"role": "system" | "user" | "assistant", "content": [part, ...]}` with
+parts `{"type": "text", "text": str}`, `{"type": "image", "image": source}`, `{"type": "audio", "audio": source}`
+(sources as in `mmpeft.data.media`, paths resolved against the data file's folder).
+
+Formats read:
+1. OpenAI-style `messages` (JSONL / JSON), parts `{"type": "image", "path" | "url" | "image"}`,
+   `{"type": "audio", "path" | "audio"}`, `{"type": "text", "text"}`; string content is text.
+2. LLaVA `conversations` (`from` / `value`, with `<image>` / `<audio>` in the text and `image` / `audio` fields
+   holding one source or a list, used in order).
+3. Any `datasets` dataset (local files or a Hub id) with either set of columns.
+"""
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+PLACEHOLDER = re.compile(r"(<image>|<audio>)")
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be trained on; `where` names the file and line (or dataset and index)."""
+
+    def __init__(self, where: str, reason: str, field: str | None = None):
+        self.where, self.reason, self.field = where, reason, field
+        super().__init__(f"{where}: {f'field {field!r}: ' if field else ''}{reason}")
+
+
+@dataclass
+class Record:
+    """One raw sample and where it came from."""
+
+    data: dict
+    where: str  # "path/train.jsonl:12" or "dataset-name[12]"
+    base_dir: str | None = None  # folder that relative media paths are resolved against
+    error: str | None = None  # why the raw sample could not even be parsed (malformed JSON line)
+
+
+def _resolve(path: str, base_dir: str | None) -> str:
+    if path.startswith(("http://", "https://")) or os.path.isabs(path) or base_dir is None:
+        return path
+    return os.path.join(base_dir, path)
+
+
+def _media_part(kind: str, part: dict, record: Record, field_name: str) -> dict:
+    source = part.get(kind)
+    if source is None:
+        source = part.get("path") or part.get("url")
+        if source is None:
+            raise BadSampleError(record.where, f"{kind} part has no 'path', 'url' or '{kind}'", field_name)
+        source = _resolve(source, record.base_dir)
+    elif isinstance(source, str):
+        source = _resolve(source, record.base_dir)
+    return {"type": kind, kind: source}
+
+
+def from_messages(record: Record) -> list[dict]:
+    """Canonical conversation of an OpenAI-style `messages` record."""
+    messages = record.data["messages"]
+    if not isinstance(messages, list):
+        raise BadSampleError(record.where, "must be a list of messages", "messages")
+    conversation = []
+    for turn, message in enumerate(messages):
+        field_name = f"messages[{turn}]"
+        role = ROLES.get(message.get("role")) if isinstance(message, dict) else None
+        if role is None:
+            raise BadSampleError(record.where, f"unknown or missing role {message!r:.80}", field_name)
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise BadSampleError(record.where, "content must be a string or a list of parts", field_name)
+        parts = []
+        for index, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise BadSampleError(
+                        record.where, "text part without a string 'text'", f"{field_name}.content[{index}]"
+                    )
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind in ("image", "audio"):
+                parts.append(_media_part(kind, part, record, f"{field_name}.content[{index}]"))
+            else:
+                raise BadSampleError(
+                    record.where, f"unknown content part {part!r:.80}", f"{field_name}.content[{index}]"
+                )
+        conversation.append({"role": role, "content": parts})
+    return conversation
+
+
+def _as_list(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def from_llava(record: Record) -> list[dict]:
+    """Canonical conversation of a LLaVA `conversations` record."""
+    media = {"image": _as_list(record.data.get("image")), "audio": _as_list(record.data.get("audio"))}
+    used = {"image": 0, "audio": 0}
+    conversation = []
+    for turn, message in enumerate(record.data["conversations"]):
+        field_name = f"conversations[{turn}]"
+        role = ROLES.get(message.get("from")) if isinstance(message, dict) else None
+        if role is None or not isinstance(message.get("value"), str):
+            raise BadSampleError(
+                record.where, f"needs 'from' (human/gpt/system) and a string 'value': {message!r:.80}", field_name
+            )
+        parts = []
+        for piece in PLACEHOLDER.split(message["value"]):
+            if piece in ("<image>", "<audio>"):
+                kind = piece[1:-1]
+                if used[kind] >= len(media[kind]):
+                    raise BadSampleError(
+                        record.where,
+                        f"more <{kind}> placeholders than {kind} sources ({len(media[kind])})",
+                        field_name,
+                    )
+                source = media[kind][used[kind]]
+                parts.append(
+                    {"type": kind, kind: _resolve(source, record.base_dir) if isinstance(source, str) else source}
+                )
+                used[kind] += 1
+            elif piece:
+                parts.append({"type": "text", "text": piece})
+        conversation.append({"role": role, "content": parts})
+    for kind in ("image", "audio"):
+        if used[kind] != len(media[kind]):
+            raise BadSampleError(
+                record.where, f"{len(media[kind])} {kind} sources but {used[kind]} <{kind}> placeholders", kind
+            )
+    return conversation
+
+
+def to_conversation(record: Record) -> list[dict]:
+    """Canonical conversation of `record`, whichever format it is in."""
+    if record.error is not None:
+        raise BadSampleError(record.where, record.error)
+    if not isinstance(record.data, dict):
+        raise BadSampleError(record.where, f"a sample must be a JSON object, got {type(record.data).__name__}")
+    if "messages" in record.data:
+        return from_messages(record)
+    if "conversations" in record.data:
+        return from_llava(record)
+    raise BadSampleError(record.where, f"has neither 'messages' nor 'conversations' (keys: {sorted(record.data)})")
+
+
+def read_records(source: str, split: str = "train") -> Iterator[Record]:
+    """Records of a JSONL / JSON file, or of a `datasets` dataset (a local folder or a Hub id) split.
+
+    A malformed JSON line becomes a record whose conversion fails with the line's number, so that it is
+    counted (or raised) like any other bad sample.
+    """
+    if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
+        base_dir = os.path.dirname(os.path.abspath(source))
+        with open(source, "rb") as file:
+            if source.endswith(".json"):
+                try:
+                    data = json.load(file)
+                except (ValueError, UnicodeDecodeError) as error:
+                    raise BadSampleError(source, f"invalid JSON: {error}") from error
+                items = data if isinstance(data, list) else data.get("data", data.get("samples"))
+                if not isinstance(items, list):
+                    raise BadSampleError(source, "a JSON file must hold a list of samples (or {'data': [...]})")
+                for index, item in enumerate(items):
+                    yield Record(item, f"{source}[{index}]", base_dir)
+                return
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield Record(json.loads(line.decode("utf-8")), f"{source}:{number}", base_dir)
+                except (ValueError, UnicodeDecodeError) as error:
+                    yield Record(None, f"{source}:{number}", base_dir, error=f"malformed JSON line: {error}")
+        return
+    yield from _read_dataset(source, split)
+
+
+def _read_dataset(source: str, split: str) -> Iterator[Record]:
+    import datasets
+
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_info.json")):
+        dataset = datasets.load_from_disk(source)
+        dataset = dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
+    else:
+        dataset = datasets.load_dataset(source, split=split)
+    # Keep audio undecoded: datasets decodes audio only through torchcodec (see DESIGN.md).
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Audio):
+            dataset = dataset.cast_column(name, datasets.Audio(decode=False))
+    base_dir = source if os.path.isdir(source) else None
+    for index, item in enumerate(dataset):
+        yield Record(item, f"{source}[{split}][{index}]", base_dir)
+
+
+__all__ = ["BadSampleError", "Record", "read_records", "to_conversation"]

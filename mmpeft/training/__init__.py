@@ -1,0 +1,31 @@
+"""Training: arguments, what to train (full / frozen parts / LoRA), the Trainer, and run setup."""
+
+from .arguments import (
+    DataArguments,
+    MMPeftTrainingArguments,
+    ModelArguments,
+    TuningArguments,
+    parse_args,
+)
+from .builders import configure_wandb, load_datasets, load_model, reference_checkpoint
+from .trainer import MMPeftTrainer, WandbRunInfoCallback, peak_memory_mb
+from .tuning import count_parameters, describe_trainable, setup_tuning
+
+
+__all__ = [
+    "DataArguments",
+    "MMPeftTrainer",
+    "MMPeftTrainingArguments",
+    "ModelArguments",
+    "TuningArguments",
+    "WandbRunInfoCallback",
+    "configure_wandb",
+    "count_parameters",
+    "describe_trainable",
+    "load_datasets",
+    "load_model",
+    "parse_args",
+    "peak_memory_mb",
+    "reference_checkpoint",
+    "setup_tuning",
+]

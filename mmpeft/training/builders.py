@@ -1,0 +1,126 @@
+"""Building what a run needs from its arguments: the model and processor, the datasets, the W&B setup."""
+
+import logging
+import os
+import random
+
+import torch
+
+from ..data import generate_synthetic_dataset, prepare_examples, read_records
+from ..models import MMPeftForConditionalGeneration, MMPeftProcessor
+from ..reference import build_reference_checkpoint
+from .arguments import DataArguments, MMPeftTrainingArguments, ModelArguments, TuningArguments
+
+
+logger = logging.getLogger(__name__)
+CACHE_DIR = os.environ.get("MMPEFT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmpeft"))
+REFERENCE_NAME = "tiny-omni-v1"  # bump with any change to mmpeft.reference
+
+
+def reference_checkpoint() -> str:
+    """Path of the tiny reference checkpoint, built into the cache on first use (deterministic, offline)."""
+    path = os.path.join(CACHE_DIR, REFERENCE_NAME)
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        logger.info(f"Building the tiny reference checkpoint in {path}")
+        build_reference_checkpoint(path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a half-built checkpoint is never seen
+    return path
+
+
+def load_model(args: ModelArguments):
+    """`(model, processor)`: a checkpoint, a composition of pretrained parts, or the tiny reference model."""
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.text_model:
+        return MMPeftForConditionalGeneration.from_pretrained_parts(
+            text=args.text_model, vision=args.vision_model, audio=args.audio_model, dtype=dtype, **args.projector_settings
+        )
+    path = args.model_name_or_path or reference_checkpoint()
+    return MMPeftForConditionalGeneration.from_pretrained(path, dtype=dtype), MMPeftProcessor.from_pretrained(path)
+
+
+def _mix(parts: list[tuple[list, float]], seed: int) -> list:
+    """Each dataset's examples repeated `weight` times (fractional parts drawn at random, seeded)."""
+    rng, mixed = random.Random(seed), []
+    for examples, weight in parts:
+        whole, fraction = int(weight), weight - int(weight)
+        mixed += examples * whole + rng.sample(examples, round(fraction * len(examples)))
+    return mixed
+
+
+def load_datasets(args: DataArguments, processor, output_dir: str | None = None):
+    """`(train_examples, eval_examples, reports)` from the configured datasets or the embedded synthetic one.
+
+    Every record is validated up front; bad and over-long samples are raised or skipped per the settings, and
+    the skip report of each dataset is logged (and written to `output_dir/data_report.json`).
+    """
+    train_specs, eval_specs = args.train_data, args.eval_data
+    if not train_specs:
+        paths = generate_synthetic_dataset(
+            os.path.join(CACHE_DIR, "synthetic"), num_train=args.synthetic_train_size, num_eval=args.synthetic_eval_size
+        )
+        train_specs = [{"path": paths["train"], "weight": 1.0, "split": "train"}]
+        eval_specs = eval_specs or [{"path": paths["eval"], "weight": 1.0, "split": "validation"}]
+
+    reports = {}
+
+    def prepare(specs):
+        parts = []
+        for spec in specs:
+            examples, report = prepare_examples(
+                read_records(spec["path"], spec["split"]),
+                processor,
+                max_length=args.max_length,
+                on_bad_sample=args.on_bad_sample,
+                on_overlong=args.on_overlong,
+                name=spec["path"],
+            )
+            logger.info(report.summary(spec["path"]))
+            reports[spec["path"]] = report.to_dict()
+            if not examples:
+                raise ValueError(f"{spec['path']}: no usable samples ({report.summary(spec['path'])})")
+            parts.append((examples, spec["weight"]))
+        return parts
+
+    train = _mix(prepare(train_specs), args.data_seed_mixing)
+    if eval_specs:
+        evaluation = [example for examples, _ in prepare(eval_specs) for example in examples]
+    elif args.eval_fraction:
+        random.Random(args.data_seed_mixing).shuffle(train)
+        cut = max(1, int(len(train) * args.eval_fraction))
+        evaluation, train = train[:cut], train[cut:]
+    else:
+        evaluation = []
+    if output_dir:
+        import json
+
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "data_report.json"), "w") as file:
+            json.dump(reports, file, indent=2)
+    return train, evaluation, reports
+
+
+def configure_wandb(training_args: MMPeftTrainingArguments, tuning_args: TuningArguments) -> None:
+    """Environment for W&B: offline unless an API key is configured (never a prompt or a hang), runs under the
+    output directory, grouped and tagged so that runs to compare sit side by side."""
+    if "wandb" not in training_args.report_to:
+        return
+    if "WANDB_MODE" not in os.environ and not _wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+        logger.info("W&B: no API key configured, logging offline (sync later with `wandb sync`).")
+    os.environ.setdefault("WANDB_DIR", os.path.abspath(training_args.output_dir))
+    os.makedirs(os.environ["WANDB_DIR"], exist_ok=True)
+    os.environ.setdefault("WANDB_PROJECT", training_args.wandb_project)
+    if training_args.wandb_group:
+        os.environ["WANDB_RUN_GROUP"] = training_args.wandb_group
+    tags = [tuning_args.method, *training_args.wandb_tags]
+    os.environ["WANDB_TAGS"] = ",".join(dict.fromkeys(tags))
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
+    return os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read()
+
+
+__all__ = ["configure_wandb", "load_datasets", "load_model", "reference_checkpoint"]

@@ -1,0 +1,112 @@
+"""`transformers.Trainer` plus what it lacks for mmpeft: generation-based eval metrics (exact-match accuracy,
+overall and per task; WER / BLEU on request), throughput and peak memory in the logs."""
+
+import resource
+import sys
+import time
+
+import torch
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+
+from ..data import MMPeftDataCollator, MMPeftDataset
+from ..metrics import compute_metrics
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: accelerator memory where there is one, else resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kilobytes / (2**20 if sys.platform == "darwin" else 2**10)  # macOS reports bytes
+
+
+class MMPeftTrainer(Trainer):
+    """Trainer that also generates answers for the eval set and scores them.
+
+    Args:
+        generation_examples: eval `Example`s to generate for (their last assistant turn is the reference).
+        generation_metrics: metric names (`mmpeft.metrics.METRICS`); `accuracy` is exact match.
+        generation_max_new_tokens: longest answer generated.
+        All other arguments are `transformers.Trainer`'s.
+    """
+
+    def __init__(self, *args, generation_examples=None, generation_metrics=("accuracy",), generation_max_new_tokens=32, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.generation_examples = generation_examples or []
+        self.generation_metric_names = list(generation_metrics)
+        self.generation_max_new_tokens = generation_max_new_tokens
+        self._train_start = None
+
+    def train(self, *args, **kwargs):
+        self._train_start = time.perf_counter()
+        return super().train(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._train_start is not None and self.state.num_input_tokens_seen:
+            logs["tokens_per_second"] = round(self.state.num_input_tokens_seen / (time.perf_counter() - self._train_start), 1)
+        logs["peak_memory_mb"] = round(peak_memory_mb(), 1)
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.generation_examples:
+            metrics = self.generation_scores()
+            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
+        return output
+
+    @torch.no_grad()
+    def generate_answers(self, examples) -> list[str]:
+        """Greedy answers to the prompts of `examples`; each process generates a share and all get all."""
+        processor = self.processing_class
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        indices = list(range(rank, len(examples), world))
+        loader = DataLoader(
+            MMPeftDataset([examples[i] for i in indices], processor, mode="generate"),
+            batch_size=self.args.per_device_eval_batch_size,
+            collate_fn=MMPeftDataCollator(processor.tokenizer.pad_token_id, padding_side="left"),
+            num_workers=self.args.dataloader_num_workers,
+        )
+        answers = []
+        progress = tqdm(loader, desc="Generating", disable=not self.is_local_process_zero() or self.args.disable_tqdm, leave=False)
+        for batch in progress:
+            batch = {name: tensor.to(self.args.device) for name, tensor in batch.items()}
+            output = model.generate(**batch, max_new_tokens=self.generation_max_new_tokens, do_sample=False)
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            answers.extend(processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        model.train(was_training)
+        gathered = dict(gather_object(list(zip(indices, answers))))
+        return [gathered[i].strip() for i in range(len(examples))]
+
+    def generation_scores(self) -> dict[str, float]:
+        """Generation metrics over the eval examples, overall and per task (`accuracy_<task>`)."""
+        examples = self.generation_examples
+        answers = self.generate_answers(examples)
+        references = [example.reference for example in examples]
+        scores = compute_metrics(self.generation_metric_names, answers, references)
+        for task in sorted({e.task for e in examples if e.task}):
+            picked = [i for i, e in enumerate(examples) if e.task == task]
+            accuracy = compute_metrics(["accuracy"], [answers[i] for i in picked], [references[i] for i in picked])
+            scores[f"accuracy_{task}"] = accuracy["accuracy"]
+        return scores
+
+
+class WandbRunInfoCallback(TrainerCallback):
+    """Adds mmpeft's settings and parameter counts to the W&B run config once the run exists."""
+
+    def __init__(self, info: dict):
+        self.info = info
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import wandb
+
+        if state.is_world_process_zero and wandb.run is not None:
+            wandb.run.config.update(self.info, allow_val_change=True)
+
+
+__all__ = ["MMPeftTrainer", "WandbRunInfoCallback", "peak_memory_mb"]

@@ -1,0 +1,122 @@
+"""Fine-tune an mmpeft omni model (any vision encoder + any audio encoder + any causal LM).
+
+    # The embedded default: tiny reference model + generated image/audio/text data, LoRA. Offline, CPU, ~5 min.
+    accelerate launch recipes/finetune.py
+
+    # A config, with command-line overrides of any of its keys
+    accelerate launch recipes/finetune.py --config recipes/configs/tiny_full.yaml --learning_rate 5e-4
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/finetune.py --config <config.yaml>
+    python recipes/finetune.py --config <config.yaml>
+
+Settings: mmpeft/training/arguments.py (plus every `transformers.TrainingArguments` field). Outputs in
+`output_dir`: the model (full weights, or the LoRA adapter with the projectors), the processor,
+`eval_results.json`, `data_report.json`, checkpoints, and the W&B run (offline without an API key).
+"""
+
+import logging
+import os
+
+import transformers
+from transformers import EarlyStoppingCallback, set_seed
+
+from mmpeft.data import MMPeftDataCollator, MMPeftDataset
+from mmpeft.training import (
+    MMPeftTrainer,
+    WandbRunInfoCallback,
+    configure_wandb,
+    count_parameters,
+    describe_trainable,
+    load_datasets,
+    load_model,
+    parse_args,
+    setup_tuning,
+)
+
+
+logger = logging.getLogger("mmpeft")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny_lora.yaml")
+
+
+def main(argv=None):
+    model_args, data_args, tuning_args, training_args, config_path = parse_args(argv, default_config=DEFAULT_CONFIG)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.logging.set_verbosity_warning()
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    logger.info(f"Config: {config_path}; method: {tuning_args.method}; parts: {tuning_args.components}")
+    configure_wandb(training_args, tuning_args)
+    set_seed(training_args.seed)
+
+    ################
+    # Model
+    ################
+    with training_args.main_process_first(desc="loading the model"):  # the first run builds the reference model
+        model, processor = load_model(model_args)
+
+    ################
+    # Dataset
+    ################
+    with training_args.main_process_first(desc="preparing the data"):  # the first run writes the synthetic data
+        train_examples, eval_examples, _ = load_datasets(data_args, processor, training_args.output_dir)
+    generation_examples = eval_examples[: training_args.generation_num_samples]
+
+    ################
+    # Tuning
+    ################
+    model = setup_tuning(model, tuning_args)
+    trainable, total = count_parameters(model)
+    logger.info(f"Trainable parameters per part:\n{describe_trainable(model)}")
+
+    ################
+    # Training
+    ################
+    trainer = MMPeftTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=MMPeftDataset(train_examples, processor),
+        eval_dataset=MMPeftDataset(eval_examples, processor) if eval_examples else None,
+        data_collator=MMPeftDataCollator(processor.tokenizer.pad_token_id, max_length=data_args.max_length),
+        processing_class=processor,
+        generation_examples=generation_examples,
+        generation_metrics=training_args.generation_metrics,
+        generation_max_new_tokens=training_args.generation_max_new_tokens,
+    )
+    if training_args.early_stopping_patience is not None:
+        trainer.add_callback(EarlyStoppingCallback(training_args.early_stopping_patience))
+    run_info = {
+        "mmpeft": {"model": vars(model_args), "data": vars(data_args), "tuning": vars(tuning_args)},
+        "method": tuning_args.method,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_fraction": trainable / total,
+    }
+    trainer.add_callback(WandbRunInfoCallback(run_info))
+
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_metrics("train", train_result.metrics)
+    metrics = trainer.evaluate() if eval_examples else {}
+    if metrics:
+        trainer.save_metrics("eval", metrics)
+    trainer.save_model()  # adapter + projectors for LoRA, full weights otherwise; processor alongside
+    trainer.save_state()
+
+    if trainer.is_world_process_zero():
+        shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("eval_accuracy", "eval_loss", "eval_wer", "eval_bleu"))}
+        wandb_dir = _wandb_location()
+        print(f"\nmmpeft | {tuning_args.method} | {shown} | model saved to {os.path.abspath(training_args.output_dir)}"
+              + (f" | W&B run: {wandb_dir}" if wandb_dir else ""))
+    return metrics
+
+
+def _wandb_location() -> str | None:
+    try:
+        import wandb
+    except ImportError:
+        return None
+    run = wandb.run
+    if run is None:
+        return None
+    return run.url or run.dir
+
+
+if __name__ == "__main__":
+    main()
