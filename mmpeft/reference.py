@@ -133,11 +133,16 @@ def build_reference_model(seed: int = 0) -> tuple[MMPeftForConditionalGeneration
     )
     torch.manual_seed(seed)
     model = MMPeftForConditionalGeneration(config)
-    # Whisper's std-0.02 init leaves the conv outputs several times weaker than the positional embeddings,
-    # so a random tower drowns the spectrum: the pitch of a tone is no longer recoverable from its features.
-    # PyTorch's default conv init keeps it (tests/test_reference.py checks that it does).
-    for conv in (model.audio_tower.conv1, model.audio_tower.conv2):
+    # A random Whisper encoder hears little: with its std-0.02 init the convolutions' output is several times
+    # weaker than the fixed sinusoidal positions, and what reaches the projector is mostly "which frame is
+    # this" -- a frozen tower then loses the pitch of a tone. PyTorch's default conv init and positions
+    # scaled to a tenth keep the spectrum audible (tests/test_reference.py checks it). A pretrained encoder
+    # needs none of this; the reference model is random either way.
+    tower = model.audio_tower
+    for conv in (tower.conv1, tower.conv2):
         conv.reset_parameters()
+    with torch.no_grad():
+        tower.embed_positions.weight.mul_(0.1)
     processor = MMPeftProcessor(
         image_processor=SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
         feature_extractor=WhisperFeatureExtractor(

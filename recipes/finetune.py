@@ -15,6 +15,7 @@ Settings: mmpeft/training/arguments.py (plus every `transformers.TrainingArgumen
 
 import logging
 import os
+import sys
 
 import transformers
 from transformers import EarlyStoppingCallback, set_seed
@@ -99,23 +100,28 @@ def main(argv=None):
     trainer.save_model()  # adapter + projectors for LoRA, full weights otherwise; processor alongside
     trainer.save_state()
 
+    wandb_run = _finish_wandb()
     if trainer.is_world_process_zero():
-        shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("eval_accuracy", "eval_loss", "eval_wer", "eval_bleu"))}
-        wandb_dir = _wandb_location()
-        print(f"\nmmpeft | {tuning_args.method} | {shown} | model saved to {os.path.abspath(training_args.output_dir)}"
-              + (f" | W&B run: {wandb_dir}" if wandb_dir else ""))
-    return metrics
+        shown = {
+            k: round(v, 4)
+            for k, v in metrics.items()
+            if k.startswith(("eval_accuracy", "eval_loss", "eval_wer", "eval_bleu"))
+        }
+        print(
+            f"\nmmpeft | {tuning_args.method} | {shown} | model saved to {os.path.abspath(training_args.output_dir)}"
+            + (f" | W&B run: {wandb_run}" if wandb_run else "")
+        )
+    return trainer
 
 
-def _wandb_location() -> str | None:
-    try:
-        import wandb
-    except ImportError:
+def _finish_wandb() -> str | None:
+    """Close the W&B run (so that it is complete on disk) and return its URL, or its folder when offline."""
+    if "wandb" not in sys.modules or sys.modules["wandb"].run is None:
         return None
-    run = wandb.run
-    if run is None:
-        return None
-    return run.url or run.dir
+    run = sys.modules["wandb"].run
+    location = os.path.dirname(run.dir) if run.settings.mode == "offline" else run.url
+    run.finish()
+    return location
 
 
 if __name__ == "__main__":

@@ -34,11 +34,29 @@ AUDIO_ENCODER_CLASSES = {
     "whisper": ("transformers.models.whisper.modeling_whisper", "WhisperEncoder"),
 }
 
-# Extra constructor arguments for vision encoders whose `AutoModel` carries heads mmpeft does not use
-# (unused parameters break DDP and waste memory).
-VISION_TOWER_KWARGS = {
-    "vit": {"add_pooling_layer": False},
+# Parts of vision encoders that only produce outputs mmpeft never reads (pooled output, final norm of
+# `last_hidden_state`, masked-image-modelling token): dropped, so that they hold no memory, are not saved and
+# do not break DDP as unused parameters. mmpeft reads `hidden_states[vision_feature_layer]`.
+VISION_UNUSED_PARTS = {
+    "clip_vision_model": ("post_layernorm",),
+    "siglip_vision_model": ("post_layernorm", "head"),
+    "vit": ("layernorm", "pooler"),
+    "dinov2": ("layernorm", "embeddings.mask_token"),
+    "dinov2_with_registers": ("layernorm", "embeddings.mask_token"),
 }
+
+
+def _drop_unused_parts(tower: nn.Module, paths: tuple[str, ...]) -> nn.Module:
+    for path in paths:
+        parent_path, _, name = path.rpartition(".")
+        parent = tower.get_submodule(parent_path)
+        if not hasattr(parent, name):  # optional by config (SigLIP's `head` with vision_use_head=False)
+            continue
+        if isinstance(getattr(parent, name), nn.Parameter):
+            parent.register_parameter(name, None)
+        else:
+            setattr(parent, name, nn.Identity())
+    return tower
 
 
 def build_audio_tower(audio_config) -> PreTrainedModel:
@@ -50,16 +68,17 @@ def build_audio_tower(audio_config) -> PreTrainedModel:
 
 
 def build_vision_tower(vision_config) -> PreTrainedModel:
-    """The vision encoder for `vision_config`, without pooling heads."""
-    return AutoModel.from_config(vision_config, **VISION_TOWER_KWARGS.get(vision_config.model_type, {}))
+    """The vision encoder for `vision_config`, without the parts mmpeft does not use."""
+    tower = AutoModel.from_config(vision_config)
+    return _drop_unused_parts(tower, VISION_UNUSED_PARTS.get(vision_config.model_type, ()))
 
 
 def load_vision_tower(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     """The pretrained vision encoder of a checkpoint; for dual encoders (CLIP, SigLIP) its vision half."""
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     config = getattr(config, "vision_config", None) or config
-    extra = VISION_TOWER_KWARGS.get(config.model_type, {})
-    return AutoModel.from_pretrained(name_or_path, config=config, **extra, **kwargs)
+    tower = AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
+    return _drop_unused_parts(tower, VISION_UNUSED_PARTS.get(config.model_type, ()))
 
 
 def load_audio_tower(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:

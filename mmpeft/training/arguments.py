@@ -31,7 +31,9 @@ class ModelArguments:
     audio_model: str | None = field(default=None, metadata={"help": "Compose a new model: the audio encoder."})
     projector_settings: dict = field(
         default_factory=dict,
-        metadata={"help": "MMPeftConfig settings for a composed model (vision_token_reduction, audio_frames_per_token, ...)."},
+        metadata={
+            "help": "MMPeftConfig settings for a composed model (vision_token_reduction, audio_frames_per_token, ...)."
+        },
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "dtype the model is loaded in."}
@@ -61,7 +63,8 @@ class DataArguments:
         default=1024, metadata={"help": "Longest sample in tokens (placeholders expanded). Longer ones: on_overlong."}
     )
     on_bad_sample: Literal["error", "skip"] = field(
-        default="error", metadata={"help": "Bad samples (missing/corrupt media, no assistant turn, ...): raise or skip+count."}
+        default="error",
+        metadata={"help": "Bad samples (missing/corrupt media, no assistant turn, ...): raise or skip+count."},
     )
     on_overlong: Literal["error", "skip"] = field(
         default="skip", metadata={"help": "Samples over max_length: skip+count (never truncated) or raise."}

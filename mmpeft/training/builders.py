@@ -7,6 +7,7 @@ import random
 import torch
 
 from ..data import generate_synthetic_dataset, prepare_examples, read_records
+from ..data.synthetic import VERSION as SYNTHETIC_VERSION
 from ..models import MMPeftForConditionalGeneration, MMPeftProcessor
 from ..reference import build_reference_checkpoint
 from .arguments import DataArguments, MMPeftTrainingArguments, ModelArguments, TuningArguments
@@ -32,7 +33,11 @@ def load_model(args: ModelArguments):
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.text_model:
         return MMPeftForConditionalGeneration.from_pretrained_parts(
-            text=args.text_model, vision=args.vision_model, audio=args.audio_model, dtype=dtype, **args.projector_settings
+            text=args.text_model,
+            vision=args.vision_model,
+            audio=args.audio_model,
+            dtype=dtype,
+            **args.projector_settings,
         )
     path = args.model_name_or_path or reference_checkpoint()
     return MMPeftForConditionalGeneration.from_pretrained(path, dtype=dtype), MMPeftProcessor.from_pretrained(path)
@@ -55,9 +60,9 @@ def load_datasets(args: DataArguments, processor, output_dir: str | None = None)
     """
     train_specs, eval_specs = args.train_data, args.eval_data
     if not train_specs:
-        paths = generate_synthetic_dataset(
-            os.path.join(CACHE_DIR, "synthetic"), num_train=args.synthetic_train_size, num_eval=args.synthetic_eval_size
-        )
+        sizes = (args.synthetic_train_size, args.synthetic_eval_size)
+        folder = os.path.join(CACHE_DIR, f"synthetic-v{SYNTHETIC_VERSION}-{sizes[0]}-{sizes[1]}")
+        paths = generate_synthetic_dataset(folder, num_train=sizes[0], num_eval=sizes[1])
         train_specs = [{"path": paths["train"], "weight": 1.0, "split": "train"}]
         eval_specs = eval_specs or [{"path": paths["eval"], "weight": 1.0, "split": "validation"}]
 

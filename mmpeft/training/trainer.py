@@ -33,7 +33,9 @@ class MMPeftTrainer(Trainer):
         All other arguments are `transformers.Trainer`'s.
     """
 
-    def __init__(self, *args, generation_examples=None, generation_metrics=("accuracy",), generation_max_new_tokens=32, **kwargs):
+    def __init__(
+        self, *args, generation_examples=None, generation_metrics=("accuracy",), generation_max_new_tokens=32, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.generation_examples = generation_examples or []
         self.generation_metric_names = list(generation_metrics)
@@ -46,11 +48,15 @@ class MMPeftTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._train_start is not None and self.state.num_input_tokens_seen:
-            logs["tokens_per_second"] = round(self.state.num_input_tokens_seen / (time.perf_counter() - self._train_start), 1)
+            logs["tokens_per_second"] = round(
+                self.state.num_input_tokens_seen / (time.perf_counter() - self._train_start), 1
+            )
         logs["peak_memory_mb"] = round(peak_memory_mb(), 1)
         super().log(logs, *args, **kwargs)
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         if self.generation_examples:
             metrics = self.generation_scores()
@@ -73,7 +79,9 @@ class MMPeftTrainer(Trainer):
             num_workers=self.args.dataloader_num_workers,
         )
         answers = []
-        progress = tqdm(loader, desc="Generating", disable=not self.is_local_process_zero() or self.args.disable_tqdm, leave=False)
+        progress = tqdm(
+            loader, desc="Generating", disable=not self.is_local_process_zero() or self.args.disable_tqdm, leave=False
+        )
         for batch in progress:
             batch = {name: tensor.to(self.args.device) for name, tensor in batch.items()}
             output = model.generate(**batch, max_new_tokens=self.generation_max_new_tokens, do_sample=False)

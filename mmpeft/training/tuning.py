@@ -50,7 +50,9 @@ def setup_tuning(model, args: TuningArguments):
     """Freeze / unfreeze parts and add LoRA adapters as `args` says; returns the model to train (a
     `PeftModel` when any part uses LoRA). Parts a model lacks (no audio tower, ...) are skipped."""
     components = args.components
-    present = {part: [m for m in modules if getattr(model, m, None) is not None] for part, modules in PART_MODULES.items()}
+    present = {
+        part: [m for m in modules if getattr(model, m, None) is not None] for part, modules in PART_MODULES.items()
+    }
     for name in args.trainable_modules:
         try:
             model.get_submodule(name)
@@ -85,7 +87,9 @@ def describe_trainable(model) -> str:
         trainable, total = count_parameters(module)
         lines.append(f"  {name:<18} {trainable:>12,} / {total:>12,} trainable")
     trainable, total = count_parameters(model)
-    lines.append(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    lines.append(
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    )
     return "\n".join(lines)
 
 

@@ -165,7 +165,7 @@ def test_bad_sample_error_names_file_line_and_field(case, files, processor):
     assert report.read == 3 and report.kept == 2 and report.skipped == 1
     [(reason, count)] = report.reasons.items()
     assert count == 1 and report.where[reason] == [f"{path}:2"]
-    assert f"skipped 1" in report.summary() and f"{path}:2" in report.summary()
+    assert "skipped 1" in report.summary() and f"{path}:2" in report.summary()
 
 
 def test_media_for_a_missing_modality_is_a_bad_sample(files):

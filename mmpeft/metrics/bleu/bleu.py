@@ -11,7 +11,9 @@ class Bleu(evaluate.Metric):
             description="Corpus BLEU of predictions against one reference each (0-100).",
             citation="",
             inputs_description="predictions: list of str, references: list of str",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):

@@ -17,7 +17,9 @@ class ExactMatch(evaluate.Metric):
             description="Share of predictions equal to their reference after normalisation.",
             citation="",
             inputs_description="predictions: list of str, references: list of str",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):

@@ -11,7 +11,9 @@ class WordErrorRate(evaluate.Metric):
             description="Word error rate of predictions against references (lower is better).",
             citation="",
             inputs_description="predictions: list of str, references: list of str",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):

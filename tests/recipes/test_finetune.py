@@ -1,0 +1,155 @@
+"""recipes/finetune.py end to end on the embedded default, shrunk: tiny synthetic data, a few steps."""
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+
+from mmpeft import MMPeftForConditionalGeneration, MMPeftProcessor
+from mmpeft.data import MMPeftDataCollator, MMPeftDataset
+from mmpeft.training import parse_args
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "recipes", "configs", "*.yaml")))
+spec = importlib.util.spec_from_file_location("finetune", os.path.join(REPO, "recipes", "finetune.py"))
+finetune = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(finetune)
+
+# The default config, shrunk to seconds: 64 training samples, 12 steps of 8, evaluation at the end.
+TINY = [
+    "--synthetic_train_size", "64", "--synthetic_eval_size", "16", "--max_steps", "12",
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--logging_steps", "1",
+    "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0", "--disable_tqdm", "true",
+]
+
+
+def batch_of(processor, examples):
+    dataset = MMPeftDataset(examples, processor)
+    return MMPeftDataCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+
+
+def losses(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=os.path.basename)
+def test_every_config_parses(config):
+    model_args, data_args, tuning_args, training_args, path = parse_args(["--config", config])
+    assert path == config and tuning_args.components  # method and per-part settings are consistent
+    first_line = open(config).readline()
+    assert first_line.startswith("#"), "each config starts with a comment giving its launch command"
+    assert "recipes/finetune.py" in open(config).read().split("\n\n")[0]
+
+
+def test_unknown_keys_are_errors(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("method: lora\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown keys 'learning_rat' \(did you mean 'learning_rate'\?\)"):
+        parse_args(["--config", str(config)])
+    with pytest.raises(ValueError, match=r"unknown command-line arguments: \['--no_such_flag', '1'\]"):
+        parse_args(["--no_such_flag", "1"])
+
+
+def test_lora_default_end_to_end(tmp_path):
+    output = tmp_path / "lora"
+    trainer = finetune.main([*TINY, "--output_dir", str(output), "--learning_rate", "3e-3"])
+    history = losses(trainer)
+    assert len(history) == 12 and sum(history[-3:]) / 3 < sum(history[:3]) / 3 * 0.7  # loss goes down
+
+    # Files: adapter with the projectors inside, processor, metrics, data report, W&B offline run.
+    for name in ("adapter_config.json", "adapter_model.safetensors", "processor_config.json", "tokenizer.json",
+                 "eval_results.json", "train_results.json", "data_report.json"):
+        assert (output / name).exists(), name
+    results = json.loads((output / "eval_results.json").read_text())
+    assert {"eval_loss", "eval_accuracy", "eval_accuracy_image", "eval_accuracy_audio"} <= set(results)
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    adapter = json.loads((output / "adapter_config.json").read_text())
+    assert set(adapter["modules_to_save"]) >= {"vision_projector", "audio_projector", "language_model.lm_head"}
+    # The offline run's record file (protobuf records, JSON values) holds the config, parameter counts,
+    # throughput, memory and eval metrics, and the group used to compare runs.
+    [run_file] = glob.glob(str(output / "wandb" / "offline-run-*" / "run-*.wandb"))
+    recorded = open(run_file, "rb").read()
+    for key in ("trainable_params", "trainable_fraction", "learning_rate", "tokens_per_second", "peak_memory_mb",
+                "eval_accuracy", "tiny-default"):
+        assert key.encode() in recorded, key
+    report = json.loads((output / "data_report.json").read_text())
+    assert all(entry["skipped"] == 0 for entry in report.values())
+
+    # Reload: base + adapter gives exactly the trained model's outputs.
+    processor = MMPeftProcessor.from_pretrained(output)
+    base = MMPeftForConditionalGeneration.from_pretrained(adapter["base_model_name_or_path"])
+    reloaded = PeftModel.from_pretrained(base, output).eval()
+    trained = trainer.model.eval()
+    batch = batch_of(processor, trainer.eval_dataset.examples[:6])
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, trained(**batch).logits)
+    # The projectors really were trained and saved (not left at their initial weights).
+    initial = MMPeftForConditionalGeneration.from_pretrained(adapter["base_model_name_or_path"])
+    merged = reloaded.merge_and_unload()
+    assert not torch.equal(merged.vision_projector.linear_1.weight, initial.vision_projector.linear_1.weight)
+
+
+def test_full_fine_tuning_end_to_end_and_reload(tmp_path):
+    output = tmp_path / "full"
+    trainer = finetune.main([*TINY, "--method", "full", "--output_dir", str(output), "--learning_rate", "1e-3",
+                             "--report_to", "none"])
+    assert sum(losses(trainer)[-3:]) < sum(losses(trainer)[:3])
+    reloaded = MMPeftForConditionalGeneration.from_pretrained(output).eval()
+    batch = batch_of(MMPeftProcessor.from_pretrained(output), trainer.eval_dataset.examples[:6])
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, trainer.model.eval()(**batch).logits)
+    assert (output / "modeling_mmpeft.py").exists()  # loadable with trust_remote_code too
+
+
+def test_stage1_projectors_then_stage2_lora(tmp_path):
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    configs = os.path.join(REPO, "recipes", "configs")
+    trainer1 = finetune.main(["--config", os.path.join(configs, "stage1_projectors.yaml"), *TINY,
+                              "--output_dir", str(stage1), "--report_to", "none"])
+    # Stage 1 trained the projectors only; its output is an ordinary HF checkpoint.
+    reference = MMPeftForConditionalGeneration.from_pretrained(trainer1.model.config._name_or_path)
+    saved = MMPeftForConditionalGeneration.from_pretrained(stage1)
+    assert not torch.equal(saved.audio_projector.linear_2.weight, reference.audio_projector.linear_2.weight)
+    assert torch.equal(saved.language_model.lm_head.weight, reference.language_model.lm_head.weight)
+    assert torch.equal(saved.vision_tower.embeddings.patch_embedding.weight,
+                       reference.vision_tower.embeddings.patch_embedding.weight)
+
+    trainer2 = finetune.main(["--config", os.path.join(configs, "stage2_lora.yaml"), *TINY,
+                              "--model_name_or_path", str(stage1), "--output_dir", str(stage2), "--report_to", "none"])
+    adapter = json.loads((stage2 / "adapter_config.json").read_text())
+    assert os.path.abspath(adapter["base_model_name_or_path"]) == str(stage1)
+    # Stage 2 started from the stage-1 projectors (its frozen copy holds them unchanged).
+    started = trainer2.model.base_model.model.vision_projector.original_module.linear_1.weight
+    assert torch.equal(started, saved.vision_projector.linear_1.weight)
+
+
+def test_resume_from_checkpoint_continues(tmp_path):
+    output = tmp_path / "resume"
+    args = [*TINY, "--output_dir", str(output), "--save_strategy", "steps", "--save_steps", "6", "--report_to", "none"]
+    finetune.main([*args, "--max_steps", "6"])
+    assert (output / "checkpoint-6").is_dir()
+    trainer = finetune.main([*args, "--max_steps", "12", "--resume_from_checkpoint", str(output / "checkpoint-6")])
+    assert trainer.state.global_step == 12
+    steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
+    # Steps 1-6 come from the checkpoint's history, 7-12 from this run: it continued rather than starting over.
+    assert steps == list(range(1, 13))
+
+
+def test_accelerate_launch_runs_the_recipe(tmp_path):
+    """The README's main command, through `accelerate launch` in a fresh process."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+         os.path.join(REPO, "recipes", "finetune.py"), *TINY, "--max_steps", "4", "--output_dir", str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mmpeft | lora | {'eval_accuracy'" in result.stdout or "mmpeft | lora | {'eval_loss'" in result.stdout
+    assert f"model saved to {tmp_path}" in result.stdout and "W&B run:" in result.stdout
