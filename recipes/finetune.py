@@ -10,9 +10,11 @@
 
 Settings: mmpeft/training/arguments.py (plus every `transformers.TrainingArguments` field). Outputs in
 `output_dir`: the model (full weights, or the LoRA adapter with the projectors), the processor,
-`eval_results.json`, `data_report.json`, checkpoints, and the W&B run (offline without an API key).
+`eval_results.json`, `run_summary.json` (parameters, memory, time, metrics), `data_report.json`,
+checkpoints, and the W&B run (offline without an API key).
 """
 
+import json
 import logging
 import os
 import sys
@@ -30,6 +32,7 @@ from mmpeft.training import (
     load_datasets,
     load_model,
     parse_args,
+    peak_memory_mb,
     setup_tuning,
 )
 
@@ -80,6 +83,7 @@ def main(argv=None):
         generation_examples=generation_examples,
         generation_metrics=training_args.generation_metrics,
         generation_max_new_tokens=training_args.generation_max_new_tokens,
+        encoder_learning_rate_scale=tuning_args.encoder_learning_rate_scale,
     )
     if training_args.early_stopping_patience is not None:
         trainer.add_callback(EarlyStoppingCallback(training_args.early_stopping_patience))
@@ -102,6 +106,14 @@ def main(argv=None):
 
     wandb_run = _finish_wandb()
     if trainer.is_world_process_zero():
+        summary = {
+            **{k: v for k, v in run_info.items() if k != "mmpeft"},
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+            **{k: v for k, v in train_result.metrics.items() if k in ("train_runtime", "train_samples_per_second")},
+            **metrics,
+        }
+        with open(os.path.join(training_args.output_dir, "run_summary.json"), "w") as file:
+            json.dump(summary, file, indent=2)
         shown = {
             k: round(v, 4)
             for k, v in metrics.items()

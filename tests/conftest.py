@@ -31,3 +31,43 @@ def reference_dir(tmp_path_factory):
     from mmpeft.reference import build_reference_checkpoint
 
     return build_reference_checkpoint(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="session")
+def parts(tmp_path_factory):
+    """Tiny parts saved locally the way they are published: an LM whose tokenizer lacks placeholders and ChatML,
+    a full CLIP (text + vision), a full Whisper (encoder + decoder) and a Wav2Vec2, each with its preprocessor."""
+    root = tmp_path_factory.mktemp("parts")
+    from tiny_parts import AUDIO_CONFIGS, AUDIO_PREPROCESSORS, image_processor, text_config
+    from transformers import (
+        AutoModelForCausalLM,
+        CLIPConfig,
+        CLIPModel,
+        Wav2Vec2Model,
+        WhisperForConditionalGeneration,
+    )
+
+    from mmpeft.reference import REFERENCE_CORPUS, train_byte_level_tokenizer
+
+    torch.manual_seed(0)
+    # An LM whose tokenizer knows nothing of placeholders or ChatML.
+    tokenizer = train_byte_level_tokenizer(REFERENCE_CORPUS, vocab_size=300, special_tokens=["<|endoftext|>"])
+    lm = AutoModelForCausalLM.from_config(text_config("qwen2", len(tokenizer)))
+    lm.save_pretrained(root / "lm")
+    tokenizer.save_pretrained(root / "lm")
+    # A full CLIP (text + vision), as CLIP checkpoints are published.
+    vision = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    clip.save_pretrained(root / "clip")
+    image_processor().save_pretrained(root / "clip")
+    # A full Whisper (encoder + decoder) and a Wav2Vec2.
+    whisper = WhisperForConditionalGeneration(AUDIO_CONFIGS["whisper"]())
+    whisper.save_pretrained(root / "whisper")
+    AUDIO_PREPROCESSORS["whisper"]().save_pretrained(root / "whisper")
+    wav2vec2 = Wav2Vec2Model(AUDIO_CONFIGS["wav2vec2"]())
+    wav2vec2.save_pretrained(root / "wav2vec2")
+    AUDIO_PREPROCESSORS["wav2vec2"]().save_pretrained(root / "wav2vec2")
+    return root, {"lm": lm, "clip": clip, "whisper": whisper, "wav2vec2": wav2vec2}

@@ -21,12 +21,19 @@ def digest(directory):
 
 def test_builder_is_deterministic_small_and_complete(reference_dir, tmp_path):
     # The command-line builder gives the very same files as the library function.
-    subprocess.run([sys.executable, os.path.join(REPO, "hub", "build_reference.py"), str(tmp_path)], check=True,
-                   capture_output=True)
-    assert digest(tmp_path) == digest(reference_dir)
-    assert {"model.safetensors", "config.json", "tokenizer.json", "processor_config.json", "modeling_mmpeft.py"} <= set(
-        os.listdir(reference_dir)
+    subprocess.run(
+        [sys.executable, os.path.join(REPO, "hub", "build_reference.py"), str(tmp_path)],
+        check=True,
+        capture_output=True,
     )
+    assert digest(tmp_path) == digest(reference_dir)
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "processor_config.json",
+        "modeling_mmpeft.py",
+    } <= set(os.listdir(reference_dir))
     size = sum(os.path.getsize(os.path.join(reference_dir, n)) for n in os.listdir(reference_dir))
     assert 1e6 < size < 10e6
     model = MMPeftForConditionalGeneration.from_pretrained(reference_dir)

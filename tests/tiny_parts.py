@@ -26,9 +26,29 @@ from transformers.models.siglip import SiglipImageProcessorPil
 
 IMAGE_SIZE, PATCH_SIZE = 32, 8
 SAMPLING_RATE = 16000
-_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
-_LM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512)
-_CONV = dict(conv_dim=(16, 16), conv_kernel=(10, 4), conv_stride=(5, 4), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2)
+_VIT = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=IMAGE_SIZE,
+    patch_size=PATCH_SIZE,
+)
+_LM = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=512,
+)
+_CONV = dict(
+    conv_dim=(16, 16),
+    conv_kernel=(10, 4),
+    conv_stride=(5, 4),
+    num_conv_pos_embeddings=8,
+    num_conv_pos_embedding_groups=2,
+)
 _W2V = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, **_CONV)
 
 VISION_CONFIGS = {
@@ -41,9 +61,20 @@ VISION_CONFIGS = {
 AUDIO_CONFIGS = {
     # 1 s window: 100 mel frames = 2 * max_source_positions.
     "whisper": lambda: WhisperConfig(
-        d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
-        decoder_attention_heads=2, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=50, vocab_size=100,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        d_model=32,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        num_mel_bins=16,
+        max_source_positions=50,
+        vocab_size=100,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
     ),
     "wav2vec2": lambda: Wav2Vec2Config(**_W2V),
     "hubert": lambda: HubertConfig(**_W2V),

@@ -111,6 +111,13 @@ class TuningArguments:
             "under LoRA. A randomly initialised base needs its output layer trained."
         },
     )
+    encoder_learning_rate_scale: float = field(
+        default=0.1,
+        metadata={
+            "help": "Learning rate of the encoders (when trained, fully or with LoRA) as a fraction of learning_rate: "
+            "encoders destabilise at the LM's rate (LLaVA-style recipes use 0.1-0.2)."
+        },
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (higher = more capacity and memory)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
@@ -123,6 +130,8 @@ class TuningArguments:
     )
 
     def __post_init__(self):
+        if not 0 < self.encoder_learning_rate_scale <= 1:
+            raise ValueError(f"encoder_learning_rate_scale must be in (0, 1], got {self.encoder_learning_rate_scale}")
         if self.lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
         if self.method == "qlora":

@@ -1,6 +1,7 @@
 """`transformers.Trainer` plus what it lacks for mmpeft: generation-based eval metrics (exact-match accuracy,
 overall and per task; WER / BLEU on request), throughput and peak memory in the logs."""
 
+import re
 import resource
 import sys
 import time
@@ -13,6 +14,11 @@ from transformers import Trainer, TrainerCallback
 
 from ..data import MMPeftDataCollator, MMPeftDataset
 from ..metrics import compute_metrics
+from .tuning import PART_MODULES
+
+
+# Parameters of the encoders, whatever wraps the model (PEFT, DDP).
+ENCODER_PARAMETER = re.compile(rf"(^|\.)({'|'.join(PART_MODULES['vision'] + PART_MODULES['audio'])})\.")
 
 
 def peak_memory_mb() -> float:
@@ -30,13 +36,21 @@ class MMPeftTrainer(Trainer):
         generation_examples: eval `Example`s to generate for (their last assistant turn is the reference).
         generation_metrics: metric names (`mmpeft.metrics.METRICS`); `accuracy` is exact match.
         generation_max_new_tokens: longest answer generated.
+        encoder_learning_rate_scale: learning rate of encoder parameters relative to the others.
         All other arguments are `transformers.Trainer`'s.
     """
 
     def __init__(
-        self, *args, generation_examples=None, generation_metrics=("accuracy",), generation_max_new_tokens=32, **kwargs
+        self,
+        *args,
+        generation_examples=None,
+        generation_metrics=("accuracy",),
+        generation_max_new_tokens=32,
+        encoder_learning_rate_scale=1.0,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.encoder_learning_rate_scale = encoder_learning_rate_scale
         self.generation_examples = generation_examples or []
         self.generation_metric_names = list(generation_metrics)
         self.generation_max_new_tokens = generation_max_new_tokens
@@ -45,6 +59,25 @@ class MMPeftTrainer(Trainer):
     def train(self, *args, **kwargs):
         self._train_start = time.perf_counter()
         return super().train(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, with encoder parameters moved to groups of `encoder_learning_rate_scale` x lr."""
+        optimizer = super().create_optimizer(model)
+        if self.encoder_learning_rate_scale == 1.0:
+            return optimizer
+        model = self.model if model is None else model
+        encoder = {id(p) for name, p in model.named_parameters() if ENCODER_PARAMETER.search(name)}
+        groups = []
+        for group in optimizer.param_groups:
+            options = {key: value for key, value in group.items() if key != "params"}
+            for params, scale in (
+                ([p for p in group["params"] if id(p) not in encoder], 1.0),
+                ([p for p in group["params"] if id(p) in encoder], self.encoder_learning_rate_scale),
+            ):
+                if params:
+                    groups.append({**options, "params": params, "lr": options["lr"] * scale})
+        optimizer.param_groups = groups
+        return optimizer
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._train_start is not None and self.state.num_input_tokens_seen:

@@ -79,16 +79,29 @@ def test_messages_multi_turn_labels_cover_assistant_turns_only(files, processor)
     assert all(example.labels[i] == example.input_ids[i] for i in labelled)
     assert example.input_ids.count(processor.image_token_id) == processor.image_seq_length
     assert example.input_ids.count(processor.audio_token_id) > 0
-    assert all(example.labels[i] == IGNORE_INDEX for i, t in enumerate(example.input_ids)
-               if t in (processor.image_token_id, processor.audio_token_id))
+    assert all(
+        example.labels[i] == IGNORE_INDEX
+        for i, t in enumerate(example.input_ids)
+        if t in (processor.image_token_id, processor.audio_token_id)
+    )
     # The generation prompt ends right before the last answer and holds both media items.
-    assert tokenizer.decode(example.input_ids[: example.prompt_length]).endswith("And the sound?<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(example.input_ids[: example.prompt_length]).endswith(
+        "And the sound?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert example.reference == "a tone" and example.prompt_media == (1, 1)
 
 
 def test_llava_json_and_datasets_formats_give_the_same_sample(files, processor):
-    llava = [{"image": "media/palette.png", "audio": ["media/tone.wav"], "conversations": [
-        {"from": "human", "value": "<image><audio>Describe."}, {"from": "gpt", "value": "purple tone"}]}]
+    llava = [
+        {
+            "image": "media/palette.png",
+            "audio": ["media/tone.wav"],
+            "conversations": [
+                {"from": "human", "value": "<image><audio>Describe."},
+                {"from": "gpt", "value": "purple tone"},
+            ],
+        }
+    ]
     messages = [{"messages": [user(IMAGE, AUDIO, text("Describe.")), {"role": "assistant", "content": "purple tone"}]}]
     (files / "llava.json").write_text(json.dumps(llava))
     from_llava, _ = prepare_examples(read_records(str(files / "llava.json")), processor)
@@ -97,8 +110,11 @@ def test_llava_json_and_datasets_formats_give_the_same_sample(files, processor):
     import datasets
 
     # A `datasets` dataset saved to disk, with absolute media paths (as a user's `map` would produce).
-    rows = {"conversations": [llava[0]["conversations"]], "image": [str(files / "media/palette.png")],
-            "audio": [str(files / "media/tone.wav")]}
+    rows = {
+        "conversations": [llava[0]["conversations"]],
+        "image": [str(files / "media/palette.png")],
+        "audio": [str(files / "media/tone.wav")],
+    }
     datasets.Dataset.from_dict(rows).save_to_disk(str(files / "hf"))
     from_datasets, _ = prepare_examples(read_records(str(files / "hf")), processor)
     assert from_llava[0].input_ids == from_messages[0].input_ids == from_datasets[0].input_ids
@@ -115,7 +131,9 @@ def test_text_only_and_media_samples_batch_together(files, processor):
     batch = MMPeftDataCollator(processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["pixel_values"].shape[0] == 2 and batch["input_features"].shape[0] == 1
-    assert batch["attention_mask"][0].sum() == len(examples[0]) and batch["labels"][0, len(examples[0]):].eq(-100).all()
+    assert (
+        batch["attention_mask"][0].sum() == len(examples[0]) and batch["labels"][0, len(examples[0]) :].eq(-100).all()
+    )
     model = build("llama", "siglip", "whisper", audio_frames_per_token=2)[0]
     assert torch.isfinite(model(**batch).loss)
 
@@ -133,21 +151,34 @@ def test_overlong_samples_are_dropped_whole_and_counted(files, processor):
         prepare_examples(read_records(path), processor, max_length=40, on_overlong="error")
     # The collator refuses rather than cut (a cut through a placeholder run misaligns features).
     dataset = MMPeftDataset(prepare_examples(read_records(path), processor)[0], processor)
-    with pytest.raises(ValueError, match=r"sample 1 of the batch has \d+ tokens > max_length 40; samples are never truncated"):
+    with pytest.raises(
+        ValueError, match=r"sample 1 of the batch has \d+ tokens > max_length 40; samples are never truncated"
+    ):
         MMPeftDataCollator(0, max_length=40)([dataset[0], dataset[1]])
 
 
 BAD_SAMPLES = {
-    "missing file": ({"messages": [user({"type": "image", "path": "media/nope.png"}), {"role": "assistant", "content": "x"}]},
-                     r"messages\[0\]\.content\[0\]'?: file not found: .*nope\.png"),
-    "corrupt image": ({"messages": [user({"type": "image", "path": "media/broken.png"}), {"role": "assistant", "content": "x"}]},
-                      r"messages\[0\]\.content\[0\]'?: cannot decode image"),
-    "unreadable audio": ({"messages": [user({"type": "audio", "path": "media/broken.wav"}), {"role": "assistant", "content": "x"}]},
-                         r"messages\[0\]\.content\[0\]'?: cannot decode audio"),
+    "missing file": (
+        {"messages": [user({"type": "image", "path": "media/nope.png"}), {"role": "assistant", "content": "x"}]},
+        r"messages\[0\]\.content\[0\]'?: file not found: .*nope\.png",
+    ),
+    "corrupt image": (
+        {"messages": [user({"type": "image", "path": "media/broken.png"}), {"role": "assistant", "content": "x"}]},
+        r"messages\[0\]\.content\[0\]'?: cannot decode image",
+    ),
+    "unreadable audio": (
+        {"messages": [user({"type": "audio", "path": "media/broken.wav"}), {"role": "assistant", "content": "x"}]},
+        r"messages\[0\]\.content\[0\]'?: cannot decode audio",
+    ),
     "empty conversation": ({"messages": []}, r"empty conversation"),
     "no assistant turn": ({"messages": [user(text("hi"))]}, r"no assistant turn"),
-    "more placeholders than media": ({"image": "media/palette.png", "conversations": [
-        {"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}]}, r"more <image> placeholders than image sources \(1\)"),
+    "more placeholders than media": (
+        {
+            "image": "media/palette.png",
+            "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}],
+        },
+        r"more <image> placeholders than image sources \(1\)",
+    ),
     "malformed JSON line": ('{"messages": [', r"malformed JSON line"),
 }
 

@@ -2,42 +2,9 @@
 
 import pytest
 import torch
-from tiny_parts import AUDIO_CONFIGS, AUDIO_PREPROCESSORS, image_processor, media, text_config
-from transformers import (
-    AutoModelForCausalLM,
-    CLIPConfig,
-    CLIPModel,
-    Wav2Vec2Model,
-    WhisperForConditionalGeneration,
-)
+from tiny_parts import media
 
 from mmpeft import MMPeftForConditionalGeneration, MMPeftProcessor
-from mmpeft.reference import REFERENCE_CORPUS, train_byte_level_tokenizer
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    # An LM whose tokenizer knows nothing of placeholders or ChatML.
-    tokenizer = train_byte_level_tokenizer(REFERENCE_CORPUS, vocab_size=300, special_tokens=["<|endoftext|>"])
-    lm = AutoModelForCausalLM.from_config(text_config("qwen2", len(tokenizer)))
-    lm.save_pretrained(root / "lm")
-    tokenizer.save_pretrained(root / "lm")
-    # A full CLIP (text + vision), as CLIP checkpoints are published.
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
-    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
-    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    clip.save_pretrained(root / "clip")
-    image_processor().save_pretrained(root / "clip")
-    # A full Whisper (encoder + decoder) and a Wav2Vec2.
-    whisper = WhisperForConditionalGeneration(AUDIO_CONFIGS["whisper"]())
-    whisper.save_pretrained(root / "whisper")
-    AUDIO_PREPROCESSORS["whisper"]().save_pretrained(root / "whisper")
-    wav2vec2 = Wav2Vec2Model(AUDIO_CONFIGS["wav2vec2"]())
-    wav2vec2.save_pretrained(root / "wav2vec2")
-    AUDIO_PREPROCESSORS["wav2vec2"]().save_pretrained(root / "wav2vec2")
-    return root, {"lm": lm, "clip": clip, "whisper": whisper, "wav2vec2": wav2vec2}
 
 
 def assert_same_weights(module, reference):
@@ -88,7 +55,9 @@ def test_parts_keep_their_weights(parts, audio, tmp_path):
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     reloaded = MMPeftForConditionalGeneration.from_pretrained(tmp_path).eval()
-    reloaded_inputs = MMPeftProcessor.from_pretrained(tmp_path)(text=[text], images=images, audio=clips, return_tensors="pt")
+    reloaded_inputs = MMPeftProcessor.from_pretrained(tmp_path)(
+        text=[text], images=images, audio=clips, return_tensors="pt"
+    )
     assert torch.equal(reloaded(**reloaded_inputs).logits, expected)
 
 

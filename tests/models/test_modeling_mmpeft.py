@@ -207,13 +207,19 @@ def test_placeholder_count_mismatch_names_counts_and_sample(tok):
     position = (broken["input_ids"][1] == model.config.image_token_id).nonzero()[-1]
     broken["input_ids"][1, position] = 0
     n = model.config.num_image_tokens
-    with pytest.raises(ValueError, match=rf"image features and image tokens do not match.*{2 * n - 1} image tokens.*"
-                       rf"per sample: \[{n}, {n - 1}\].*{2 * n} features.*sample 1"):
+    with pytest.raises(
+        ValueError,
+        match=rf"image features and image tokens do not match.*{2 * n - 1} image tokens.*"
+        rf"per sample: \[{n}, {n - 1}\].*{2 * n} features.*sample 1",
+    ):
         model(**broken)
 
     # One audio clip too many for the placeholders.
-    extra = dict(batch, input_features=batch["input_features"][:1].repeat(3, 1, 1),
-                 feature_attention_mask=batch["feature_attention_mask"][:1].repeat(3, 1))
+    extra = dict(
+        batch,
+        input_features=batch["input_features"][:1].repeat(3, 1, 1),
+        feature_attention_mask=batch["feature_attention_mask"][:1].repeat(3, 1),
+    )
     with pytest.raises(ValueError, match=r"audio features and audio tokens do not match.*sample 1"):
         model(**extra)
 
@@ -222,8 +228,11 @@ def test_placeholders_without_media_and_media_without_modality(tok):
     model, processor = build(tok=tok)
     inputs = make_inputs(processor)
     with pytest.raises(ValueError, match=r"image tokens but no `pixel_values`"):
-        model(input_ids=inputs["input_ids"], input_features=inputs["input_features"],
-              feature_attention_mask=inputs["feature_attention_mask"])
+        model(
+            input_ids=inputs["input_ids"],
+            input_features=inputs["input_features"],
+            feature_attention_mask=inputs["feature_attention_mask"],
+        )
     with pytest.raises(ValueError, match=r"audio tokens but no audio inputs"):
         model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
 

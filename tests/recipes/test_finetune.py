@@ -24,9 +24,26 @@ spec.loader.exec_module(finetune)
 
 # The default config, shrunk to seconds: 64 training samples, 12 steps of 8, evaluation at the end.
 TINY = [
-    "--synthetic_train_size", "64", "--synthetic_eval_size", "16", "--max_steps", "12",
-    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--logging_steps", "1",
-    "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0", "--disable_tqdm", "true",
+    "--synthetic_train_size",
+    "64",
+    "--synthetic_eval_size",
+    "16",
+    "--max_steps",
+    "12",
+    "--per_device_train_batch_size",
+    "8",
+    "--per_device_eval_batch_size",
+    "16",
+    "--logging_steps",
+    "1",
+    "--eval_strategy",
+    "no",
+    "--save_strategy",
+    "no",
+    "--warmup_steps",
+    "0",
+    "--disable_tqdm",
+    "true",
 ]
 
 
@@ -64,8 +81,15 @@ def test_lora_default_end_to_end(tmp_path):
     assert len(history) == 12 and sum(history[-3:]) / 3 < sum(history[:3]) / 3 * 0.7  # loss goes down
 
     # Files: adapter with the projectors inside, processor, metrics, data report, W&B offline run.
-    for name in ("adapter_config.json", "adapter_model.safetensors", "processor_config.json", "tokenizer.json",
-                 "eval_results.json", "train_results.json", "data_report.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "eval_results.json",
+        "train_results.json",
+        "data_report.json",
+    ):
         assert (output / name).exists(), name
     results = json.loads((output / "eval_results.json").read_text())
     assert {"eval_loss", "eval_accuracy", "eval_accuracy_image", "eval_accuracy_audio"} <= set(results)
@@ -76,8 +100,15 @@ def test_lora_default_end_to_end(tmp_path):
     # throughput, memory and eval metrics, and the group used to compare runs.
     [run_file] = glob.glob(str(output / "wandb" / "offline-run-*" / "run-*.wandb"))
     recorded = open(run_file, "rb").read()
-    for key in ("trainable_params", "trainable_fraction", "learning_rate", "tokens_per_second", "peak_memory_mb",
-                "eval_accuracy", "tiny-default"):
+    for key in (
+        "trainable_params",
+        "trainable_fraction",
+        "learning_rate",
+        "tokens_per_second",
+        "peak_memory_mb",
+        "eval_accuracy",
+        "tiny-default",
+    ):
         assert key.encode() in recorded, key
     report = json.loads((output / "data_report.json").read_text())
     assert all(entry["skipped"] == 0 for entry in report.values())
@@ -98,8 +129,9 @@ def test_lora_default_end_to_end(tmp_path):
 
 def test_full_fine_tuning_end_to_end_and_reload(tmp_path):
     output = tmp_path / "full"
-    trainer = finetune.main([*TINY, "--method", "full", "--output_dir", str(output), "--learning_rate", "1e-3",
-                             "--report_to", "none"])
+    trainer = finetune.main(
+        [*TINY, "--method", "full", "--output_dir", str(output), "--learning_rate", "1e-3", "--report_to", "none"]
+    )
     assert sum(losses(trainer)[-3:]) < sum(losses(trainer)[:3])
     reloaded = MMPeftForConditionalGeneration.from_pretrained(output).eval()
     batch = batch_of(MMPeftProcessor.from_pretrained(output), trainer.eval_dataset.examples[:6])
@@ -111,18 +143,39 @@ def test_full_fine_tuning_end_to_end_and_reload(tmp_path):
 def test_stage1_projectors_then_stage2_lora(tmp_path):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     configs = os.path.join(REPO, "recipes", "configs")
-    trainer1 = finetune.main(["--config", os.path.join(configs, "stage1_projectors.yaml"), *TINY,
-                              "--output_dir", str(stage1), "--report_to", "none"])
+    trainer1 = finetune.main(
+        [
+            "--config",
+            os.path.join(configs, "stage1_projectors.yaml"),
+            *TINY,
+            "--output_dir",
+            str(stage1),
+            "--report_to",
+            "none",
+        ]
+    )
     # Stage 1 trained the projectors only; its output is an ordinary HF checkpoint.
     reference = MMPeftForConditionalGeneration.from_pretrained(trainer1.model.config._name_or_path)
     saved = MMPeftForConditionalGeneration.from_pretrained(stage1)
     assert not torch.equal(saved.audio_projector.linear_2.weight, reference.audio_projector.linear_2.weight)
     assert torch.equal(saved.language_model.lm_head.weight, reference.language_model.lm_head.weight)
-    assert torch.equal(saved.vision_tower.embeddings.patch_embedding.weight,
-                       reference.vision_tower.embeddings.patch_embedding.weight)
+    assert torch.equal(
+        saved.vision_tower.embeddings.patch_embedding.weight, reference.vision_tower.embeddings.patch_embedding.weight
+    )
 
-    trainer2 = finetune.main(["--config", os.path.join(configs, "stage2_lora.yaml"), *TINY,
-                              "--model_name_or_path", str(stage1), "--output_dir", str(stage2), "--report_to", "none"])
+    trainer2 = finetune.main(
+        [
+            "--config",
+            os.path.join(configs, "stage2_lora.yaml"),
+            *TINY,
+            "--model_name_or_path",
+            str(stage1),
+            "--output_dir",
+            str(stage2),
+            "--report_to",
+            "none",
+        ]
+    )
     adapter = json.loads((stage2 / "adapter_config.json").read_text())
     assert os.path.abspath(adapter["base_model_name_or_path"]) == str(stage1)
     # Stage 2 started from the stage-1 projectors (its frozen copy holds them unchanged).
@@ -146,9 +199,25 @@ def test_accelerate_launch_runs_the_recipe(tmp_path):
     """The README's main command, through `accelerate launch` in a fresh process."""
     env = {**os.environ, "WANDB_MODE": "offline"}
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-         os.path.join(REPO, "recipes", "finetune.py"), *TINY, "--max_steps", "4", "--output_dir", str(tmp_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--cpu",
+            os.path.join(REPO, "recipes", "finetune.py"),
+            *TINY,
+            "--max_steps",
+            "4",
+            "--output_dir",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mmpeft | lora | {'eval_accuracy'" in result.stdout or "mmpeft | lora | {'eval_loss'" in result.stdout

@@ -38,7 +38,10 @@ CASES = {
     "full": (dict(method="full"), set(PARTS), set()),
     "freeze": (dict(method="freeze"), {"vision_projector", "audio_projector", "language_model"}, set()),
     "stage 1: projectors only": (
-        dict(method="freeze", language_tuning="frozen"), {"vision_projector", "audio_projector"}, set()),
+        dict(method="freeze", language_tuning="frozen"),
+        {"vision_projector", "audio_projector"},
+        set(),
+    ),
     "lora": (dict(method="lora"), {"vision_projector", "audio_projector"}, {"language_model"}),
     "lora + vision lora, audio full": (
         dict(method="lora", vision_tuning="lora", audio_tuning="full"),
@@ -76,7 +79,15 @@ def test_lora_targets_the_lm_only_and_not_its_head(tok):
     adapted = {name.split(".lora_")[0] for name, _ in model.named_parameters() if ".lora_" in name}
     assert adapted and all(name.startswith("base_model.model.language_model.model.layers.") for name in adapted)
     # every linear layer of every LM block: q, k, v, o, gate, up, down
-    assert {name.rsplit(".", 1)[-1] for name in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert "lm_head" not in pattern
 
 
@@ -91,11 +102,14 @@ def test_trainable_modules_are_checked_and_trained(tok):
     assert 0 < trainable < total
 
 
-@pytest.mark.parametrize("settings,message", [
-    (dict(method="full", language_tuning="lora"), "set method: lora"),
-    (dict(method="lora", language_tuning="full"), "needs at least one part with"),
-    (dict(method="lora", lora_r=0), "lora_r must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(method="full", language_tuning="lora"), "set method: lora"),
+        (dict(method="lora", language_tuning="full"), "needs at least one part with"),
+        (dict(method="lora", lora_r=0), "lora_r must be >= 1"),
+    ],
+)
 def test_inconsistent_settings_fail_fast(settings, message):
     with pytest.raises(ValueError, match=message):
         TuningArguments(**settings).components
