@@ -195,6 +195,37 @@ def test_resume_from_checkpoint_continues(tmp_path):
     assert steps == list(range(1, 13))
 
 
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
+    output = tmp_path / "early"
+    # With a zero learning rate accuracy never improves: training stops after `patience` evaluations past the first.
+    trainer = finetune.main(
+        [
+            *TINY,
+            "--output_dir",
+            str(output),
+            "--learning_rate",
+            "0",
+            "--report_to",
+            "none",
+            "--max_steps",
+            "40",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "2",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2",
+            "--early_stopping_patience",
+            "2",
+        ]
+    )
+    assert trainer.state.global_step == 6
+    assert trainer.args.load_best_model_at_end and trainer.args.metric_for_best_model == "eval_accuracy"
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+
+
 def test_accelerate_launch_runs_the_recipe(tmp_path):
     """The README's main command, through `accelerate launch` in a fresh process."""
     env = {**os.environ, "WANDB_MODE": "offline"}

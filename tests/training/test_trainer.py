@@ -5,7 +5,9 @@ from mmpeft.training import MMPeftTrainer, MMPeftTrainingArguments, TuningArgume
 from mmpeft.training.trainer import ENCODER_PARAMETER
 
 
-@pytest.mark.parametrize("settings", [dict(method="full"), dict(method="lora", vision_tuning="lora", audio_tuning="full")])
+@pytest.mark.parametrize(
+    "settings", [dict(method="full"), dict(method="lora", vision_tuning="lora", audio_tuning="full")]
+)
 def test_encoders_train_at_a_scaled_learning_rate(settings, tok, tmp_path):
     model, processor = build(tok=tok)
     model = setup_tuning(model, TuningArguments(**settings))
