@@ -45,7 +45,7 @@ image picture photo audio sound tone beep speech voice music noise word words nu
 0 1 2 3 4 5 6 7 8 9 10 100 1000 . , ! ? : ; ' " ( ) - + = / %
 """
 
-# Shapes of the reference composite. The LM is Llama 128 x 2; the towers are SigLIP- and Whisper-like 64 x 2.
+# Shapes of the reference composite. The LM is Llama 128 x 2 (MLP 384); the towers are SigLIP- and Whisper-like 64 x 2.
 IMAGE_SIZE, PATCH_SIZE = 32, 4  # 8 x 8 patches, pixel-shuffled 2 x 2 -> 16 tokens per image
 SAMPLING_RATE, AUDIO_WINDOW_SECONDS, MEL_BINS = 16000, 4, 32  # 400 mel frames -> 200 encoder frames
 AUDIO_FRAMES_PER_TOKEN = 8  # -> 25 tokens per 4 s (6.25 tokens/s)
@@ -86,7 +86,7 @@ def build_reference_model(seed: int = 0) -> tuple[MMPeftForConditionalGeneration
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
-        intermediate_size=352,
+        intermediate_size=384,  # a multiple of 64: bitsandbytes 4-bit blocks on CPU
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -28,11 +28,13 @@ from mmpeft.training import (
     WandbRunInfoCallback,
     configure_wandb,
     count_parameters,
+    describe_precision,
     describe_trainable,
     load_datasets,
     load_model,
     parse_args,
     peak_memory_mb,
+    quantization_config,
     setup_tuning,
 )
 
@@ -54,7 +56,7 @@ def main(argv=None):
     # Model
     ################
     with training_args.main_process_first(desc="loading the model"):  # the first run builds the reference model
-        model, processor = load_model(model_args)
+        model, processor = load_model(model_args, quantization_config(tuning_args))
 
     ################
     # Dataset
@@ -69,6 +71,7 @@ def main(argv=None):
     model = setup_tuning(model, tuning_args)
     trainable, total = count_parameters(model)
     logger.info(f"Trainable parameters per part:\n{describe_trainable(model)}")
+    logger.info(f"Precision per part:\n{describe_precision(model)}")
 
     ################
     # Training

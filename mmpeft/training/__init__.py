@@ -8,6 +8,7 @@ from .arguments import (
     parse_args,
 )
 from .builders import configure_wandb, load_datasets, load_model, reference_checkpoint
+from .quantization import describe_precision, precision_summary, quantization_config
 from .trainer import MMPeftTrainer, WandbRunInfoCallback, peak_memory_mb
 from .tuning import count_parameters, describe_trainable, setup_tuning
 
@@ -21,11 +22,14 @@ __all__ = [
     "WandbRunInfoCallback",
     "configure_wandb",
     "count_parameters",
+    "describe_precision",
     "describe_trainable",
     "load_datasets",
     "load_model",
     "parse_args",
     "peak_memory_mb",
+    "precision_summary",
+    "quantization_config",
     "reference_checkpoint",
     "setup_tuning",
 ]

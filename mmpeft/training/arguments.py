@@ -97,7 +97,7 @@ class TuningArguments:
         default="lora",
         metadata={
             "help": "full: train every part. freeze: train projectors + LM, encoders frozen. lora: LoRA on the LM, "
-            "projectors trained fully. Each *_tuning below overrides its part."
+            "projectors trained fully. qlora: lora on a 4/8-bit LM. Each *_tuning below overrides its part."
         },
     )
     vision_tuning: Literal["frozen", "lora", "full"] | None = field(default=None, metadata={"help": "Vision tower."})
@@ -129,13 +129,34 @@ class TuningArguments:
         },
     )
 
+    quantization_bits: Literal[4, 8] = field(
+        default=4, metadata={"help": "qlora: 4-bit (NF4/FP4) or 8-bit LM weights."}
+    )
+    quantization_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "qlora 4-bit data type."})
+    double_quant: bool = field(
+        default=True, metadata={"help": "qlora 4-bit: also quantize the quantization constants."}
+    )
+    quantized_parts: list[str] = field(
+        default_factory=lambda: ["language"],
+        metadata={
+            "help": "qlora: parts loaded quantized (language, vision, audio, projector); the rest stay 16/32-bit."
+        },
+    )
+    keep_unquantized: list[str] = field(
+        default_factory=lambda: ["lm_head"],
+        metadata={"help": "qlora: module names kept unquantized inside quantized parts (prefix or suffix match)."},
+    )
+
     def __post_init__(self):
+        unknown = set(self.quantized_parts) - set(METHOD_DEFAULTS["full"])
+        if unknown:
+            raise ValueError(
+                f"quantized_parts: unknown parts {sorted(unknown)}; choose from {list(METHOD_DEFAULTS['full'])}"
+            )
         if not 0 < self.encoder_learning_rate_scale <= 1:
             raise ValueError(f"encoder_learning_rate_scale must be in (0, 1], got {self.encoder_learning_rate_scale}")
         if self.lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
-        if self.method == "qlora":
-            raise NotImplementedError("method: qlora is not available yet; use lora.")
 
     @property
     def components(self) -> dict[str, str]:

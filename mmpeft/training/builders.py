@@ -28,10 +28,16 @@ def reference_checkpoint() -> str:
     return path
 
 
-def load_model(args: ModelArguments):
-    """`(model, processor)`: a checkpoint, a composition of pretrained parts, or the tiny reference model."""
+def load_model(args: ModelArguments, quantization_config=None):
+    """`(model, processor)`: a checkpoint, a composition of pretrained parts, or the tiny reference model,
+    quantized per `quantization_config` (QLoRA) when given."""
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.text_model:
+        if quantization_config is not None:
+            raise ValueError(
+                "qlora loads a saved mmpeft checkpoint: compose the parts once (from_pretrained_parts + "
+                "save_pretrained), then set model_name_or_path to that folder."
+            )
         return MMPeftForConditionalGeneration.from_pretrained_parts(
             text=args.text_model,
             vision=args.vision_model,
@@ -40,7 +46,8 @@ def load_model(args: ModelArguments):
             **args.projector_settings,
         )
     path = args.model_name_or_path or reference_checkpoint()
-    return MMPeftForConditionalGeneration.from_pretrained(path, dtype=dtype), MMPeftProcessor.from_pretrained(path)
+    model = MMPeftForConditionalGeneration.from_pretrained(path, dtype=dtype, quantization_config=quantization_config)
+    return model, MMPeftProcessor.from_pretrained(path)
 
 
 def _mix(parts: list[tuple[list, float]], seed: int) -> list:

@@ -3,7 +3,7 @@
 import logging
 import re
 
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -59,6 +59,10 @@ def setup_tuning(model, args: TuningArguments):
         except AttributeError as error:
             raise ValueError(f"trainable_modules: the model has no module {name!r}") from error
 
+    if args.method == "qlora":
+        # Freeze and prepare the quantized LM only: PEFT's helper upcasts every non-quantized parameter to
+        # fp32, which the encoders do not need.
+        prepare_model_for_kbit_training(model.language_model, use_gradient_checkpointing=False)
     lora_modules = [m for part, how in components.items() if how == "lora" for m in present[part]]
     full_modules = [m for part, how in components.items() if how == "full" for m in present[part]]
     if not lora_modules:
