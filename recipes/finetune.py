@@ -24,6 +24,7 @@ from transformers import EarlyStoppingCallback, set_seed
 
 from mmpeft.data import MMPeftDataCollator, MMPeftDataset
 from mmpeft.training import (
+    EncoderCheckpointingCallback,
     MMPeftTrainer,
     WandbRunInfoCallback,
     configure_wandb,
@@ -35,6 +36,7 @@ from mmpeft.training import (
     parse_args,
     peak_memory_mb,
     quantization_config,
+    reference_checkpoint,
     setup_tuning,
 )
 
@@ -49,14 +51,18 @@ def main(argv=None):
     transformers.logging.set_verbosity_warning()
     logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     logger.info(f"Config: {config_path}; method: {tuning_args.method}; parts: {tuning_args.components}")
+    print(f"mmpeft: process {training_args.process_index} of {training_args.world_size} on {training_args.device}")
     configure_wandb(training_args, tuning_args)
     set_seed(training_args.seed)
 
     ################
     # Model
     ################
-    with training_args.main_process_first(desc="loading the model"):  # the first run builds the reference model
-        model, processor = load_model(model_args, quantization_config(tuning_args))
+    if not (model_args.model_name_or_path or model_args.text_model):
+        with training_args.main_process_first(desc="building the reference model"):  # once, by the first process
+            model_args.model_name_or_path = reference_checkpoint()
+    # Every process loads at once: under ZeRO-3 the weights are sharded collectively while loading.
+    model, processor = load_model(model_args, quantization_config(tuning_args))
 
     ################
     # Dataset
@@ -88,6 +94,8 @@ def main(argv=None):
         generation_max_new_tokens=training_args.generation_max_new_tokens,
         encoder_learning_rate_scale=tuning_args.encoder_learning_rate_scale,
     )
+    if training_args.gradient_checkpointing and not tuning_args.encoder_gradient_checkpointing:
+        trainer.add_callback(EncoderCheckpointingCallback())
     if training_args.early_stopping_patience is not None:
         trainer.add_callback(EarlyStoppingCallback(training_args.early_stopping_patience))
     run_info = {

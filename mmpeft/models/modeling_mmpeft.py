@@ -59,6 +59,13 @@ def _drop_unused_parts(tower: nn.Module, paths: tuple[str, ...]) -> nn.Module:
     return tower
 
 
+# Shape of a placeholder input for each kind of audio tower input (see `forward`: idle towers).
+DUMMY_AUDIO_SHAPES = {
+    "input_features": lambda config: (1, config.num_mel_bins, 2 * config.max_source_positions),  # one full window
+    "input_values": lambda config: (1, 16000),  # one second of silence
+}
+
+
 def build_audio_tower(audio_config) -> PreTrainedModel:
     """The audio encoder for `audio_config`, encoder half only."""
     if audio_config.model_type in AUDIO_ENCODER_CLASSES:
@@ -402,6 +409,14 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             )
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features.to(inputs_embeds.dtype))
 
+    def _placeholder_inputs(self, modality: str, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A zero input for the `modality` tower: one image, or one clip (a full window for log-mel encoders)."""
+        if modality == "image":
+            config = self.config.vision_config
+            return (like.new_zeros(1, config.num_channels, config.image_size, config.image_size),)
+        shape = DUMMY_AUDIO_SHAPES[self.audio_tower.main_input_name](self.config.audio_config)
+        return like.new_zeros(shape), torch.ones(shape[0], shape[-1], dtype=torch.long, device=like.device)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -449,6 +464,12 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             )
 
         inputs_embeds = self.get_input_embeddings()(input_ids)
+        # With several processes every rank runs every tower in every step, in the same order, feeding an idle
+        # tower a placeholder input and adding 0 x its output: under ZeRO-3 a tower's forward gathers its
+        # sharded weights collectively, so a rank that skipped it (its batch had no image) would deadlock the
+        # others, and DDP without unused-parameter detection fails on parameters that got no gradient.
+        run_idle_towers = _is_multi_process()
+
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values)
             tokens_per_image = [image_features.shape[1]] * image_features.shape[0]
@@ -460,8 +481,12 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
                 "image",
                 tokens_per_image,
             )
-        elif self.config.image_token_id is not None and (n := int((input_ids == self.config.image_token_id).sum())):
-            raise ValueError(f"input_ids hold {n} image tokens but no `pixel_values` were given.")
+        else:
+            if self.config.image_token_id is not None and (n := int((input_ids == self.config.image_token_id).sum())):
+                raise ValueError(f"input_ids hold {n} image tokens but no `pixel_values` were given.")
+            if self.vision_tower is not None and run_idle_towers:
+                idle = self.get_image_features(*self._placeholder_inputs("image", inputs_embeds))
+                inputs_embeds = inputs_embeds + 0.0 * idle.sum().to(inputs_embeds.dtype)
 
         if audio_inputs is not None:
             if audio_mask is None:  # every position valid
@@ -473,12 +498,25 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             inputs_embeds = self._scatter(
                 input_ids, inputs_embeds, audio_features[valid], self.config.audio_token_id, "audio", lengths.tolist()
             )
-        elif self.config.audio_token_id is not None and (n := int((input_ids == self.config.audio_token_id).sum())):
-            raise ValueError(
-                f"input_ids hold {n} audio tokens but no audio inputs (`input_features` / `input_values`) were given."
-            )
+        else:
+            if self.config.audio_token_id is not None and (n := int((input_ids == self.config.audio_token_id).sum())):
+                raise ValueError(
+                    f"input_ids hold {n} audio tokens but no audio inputs (`input_features` / `input_values`) "
+                    "were given."
+                )
+            if self.audio_tower is not None and run_idle_towers:
+                idle, _ = self.get_audio_features(*self._placeholder_inputs("audio", inputs_embeds))
+                inputs_embeds = inputs_embeds + 0.0 * idle.sum().to(inputs_embeds.dtype)
 
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+
+def _is_multi_process() -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def _first_misaligned_sample(tokens_per_sample: list[int], tokens_per_item: list[int]) -> int:

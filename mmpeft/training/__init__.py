@@ -9,12 +9,13 @@ from .arguments import (
 )
 from .builders import configure_wandb, load_datasets, load_model, reference_checkpoint
 from .quantization import describe_precision, precision_summary, quantization_config
-from .trainer import MMPeftTrainer, WandbRunInfoCallback, peak_memory_mb
+from .trainer import EncoderCheckpointingCallback, MMPeftTrainer, WandbRunInfoCallback, peak_memory_mb
 from .tuning import count_parameters, describe_trainable, setup_tuning
 
 
 __all__ = [
     "DataArguments",
+    "EncoderCheckpointingCallback",
     "MMPeftTrainer",
     "MMPeftTrainingArguments",
     "ModelArguments",

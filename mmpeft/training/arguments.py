@@ -129,6 +129,13 @@ class TuningArguments:
         },
     )
 
+    encoder_gradient_checkpointing: bool = field(
+        default=True,
+        metadata={
+            "help": "With gradient_checkpointing: also checkpoint the encoders (only matters when they train; a "
+            "frozen encoder keeps no activations for backward anyway)."
+        },
+    )
     quantization_bits: Literal[4, 8] = field(
         default=4, metadata={"help": "qlora: 4-bit (NF4/FP4) or 8-bit LM weights."}
     )

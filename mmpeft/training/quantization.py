@@ -7,7 +7,7 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from .arguments import TuningArguments
-from .tuning import PART_MODULES
+from .tuning import PART_MODULES, numel
 
 
 def compute_dtype() -> torch.dtype:
@@ -37,14 +37,15 @@ def quantization_config(args: TuningArguments) -> BitsAndBytesConfig | None:
     )
 
 
-def _precision(parameter: torch.nn.Parameter) -> tuple[str, int]:
-    """`(precision, logical number of weights)` of a parameter, seeing through bitsandbytes' packing."""
-    kind = type(parameter).__name__
+def _precision(parameter: torch.nn.Parameter) -> tuple[str, int, int]:
+    """`(precision, logical number of weights, bytes held)` of a parameter, seeing through bitsandbytes'
+    packing (two 4-bit weights per byte) and ZeRO-3 sharding."""
+    kind, size = type(parameter).__name__, numel(parameter)
     if kind == "Params4bit":
-        return "4-bit", parameter.numel() * parameter.element_size() * 2
+        return "4-bit", 2 * size * parameter.element_size(), size * parameter.element_size()
     if kind == "Int8Params":
-        return "8-bit", parameter.numel()
-    return f"{parameter.element_size() * 8}-bit", parameter.numel()
+        return "8-bit", size, size
+    return f"{parameter.element_size() * 8}-bit", size, size * parameter.element_size()
 
 
 def precision_summary(model) -> dict[str, dict[str, dict[str, int]]]:
@@ -53,9 +54,9 @@ def precision_summary(model) -> dict[str, dict[str, dict[str, int]]]:
     summary = defaultdict(lambda: defaultdict(lambda: {"params": 0, "bytes": 0}))
     for root, module in base.named_children():
         for parameter in module.parameters():
-            precision, count = _precision(parameter)
+            precision, count, size = _precision(parameter)
             summary[root][precision]["params"] += count
-            summary[root][precision]["bytes"] += parameter.numel() * parameter.element_size()
+            summary[root][precision]["bytes"] += size
     return {root: dict(kinds) for root, kinds in summary.items()}
 
 

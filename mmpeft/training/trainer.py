@@ -104,7 +104,10 @@ class MMPeftTrainer(Trainer):
         was_training = model.training
         model.eval()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        indices = list(range(rank, len(examples), world))
+        # Equal shares (the last padded with a repeat): under ZeRO-3 every process must take part in every
+        # generation step, so none may run out of batches before the others.
+        share = -(-len(examples) // world)
+        indices = [min(i, len(examples) - 1) for i in range(rank * share, (rank + 1) * share)]
         loader = DataLoader(
             MMPeftDataset([examples[i] for i in indices], processor, mode="generate"),
             batch_size=self.args.per_device_eval_batch_size,
@@ -137,6 +140,18 @@ class MMPeftTrainer(Trainer):
         return scores
 
 
+class EncoderCheckpointingCallback(TrainerCallback):
+    """Turns gradient checkpointing back off inside the encoders once the Trainer has enabled it model-wide
+    (non-reentrant, transformers' default), leaving it on for the LM."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for tower in (base.vision_tower, base.audio_tower):
+            for module in tower.modules() if tower is not None else ():
+                if getattr(module, "gradient_checkpointing", False):
+                    module.gradient_checkpointing = False
+
+
 class WandbRunInfoCallback(TrainerCallback):
     """Adds mmpeft's settings and parameter counts to the W&B run config once the run exists."""
 
@@ -150,4 +165,4 @@ class WandbRunInfoCallback(TrainerCallback):
             wandb.run.config.update(self.info, allow_val_change=True)
 
 
-__all__ = ["MMPeftTrainer", "WandbRunInfoCallback", "peak_memory_mb"]
+__all__ = ["EncoderCheckpointingCallback", "MMPeftTrainer", "WandbRunInfoCallback", "peak_memory_mb"]

@@ -34,6 +34,11 @@ def lora_target_regex(model, module_names: list[str]) -> str:
     return rf"({'|'.join(map(re.escape, module_names))})\.(.*\.)?({'|'.join(sorted(leaves))})"
 
 
+def numel(parameter) -> int:
+    """Number of elements, also of a parameter that ZeRO-3 has sharded away (it keeps the count in `ds_numel`)."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
 def count_parameters(model) -> tuple[int, int]:
     """`(trainable, total)` parameter counts (shared tensors counted once)."""
     seen, trainable, total = set(), 0, 0
@@ -41,8 +46,9 @@ def count_parameters(model) -> tuple[int, int]:
         if id(parameter) in seen:
             continue
         seen.add(id(parameter))
-        total += parameter.numel()
-        trainable += parameter.numel() if parameter.requires_grad else 0
+        count = numel(parameter)
+        total += count
+        trainable += count if parameter.requires_grad else 0
     return trainable, total
 
 
@@ -97,4 +103,4 @@ def describe_trainable(model) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PART_MODULES", "count_parameters", "describe_trainable", "lora_target_regex", "setup_tuning"]
+__all__ = ["PART_MODULES", "count_parameters", "numel", "describe_trainable", "lora_target_regex", "setup_tuning"]

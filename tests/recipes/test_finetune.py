@@ -253,3 +253,17 @@ def test_accelerate_launch_runs_the_recipe(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mmpeft | lora | {'eval_accuracy'" in result.stdout or "mmpeft | lora | {'eval_loss'" in result.stdout
     assert f"model saved to {tmp_path}" in result.stdout and "W&B run:" in result.stdout
+
+
+@pytest.mark.parametrize("encoders", [True, False])
+def test_gradient_checkpointing_lm_and_optionally_encoders(encoders, tmp_path):
+    args = [*TINY, "--max_steps", "3", "--report_to", "none", "--method", "full", "--learning_rate", "1e-3"]
+    plain = finetune.main([*args, "--output_dir", str(tmp_path / "plain")])
+    checkpointed = finetune.main([*args, "--output_dir", str(tmp_path / "gc"), "--gradient_checkpointing", "true",
+                                  "--encoder_gradient_checkpointing", str(encoders).lower()])
+    model = checkpointed.model
+    assert all(layer.gradient_checkpointing for layer in model.language_model.model.layers)
+    tower_layers = list(model.vision_tower.encoder.layers) + list(model.audio_tower.layers)
+    assert all(layer.gradient_checkpointing == encoders for layer in tower_layers)
+    # Recomputing activations changes nothing in what is learnt.
+    assert losses(checkpointed) == pytest.approx(losses(plain), rel=1e-5)

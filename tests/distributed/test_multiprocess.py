@@ -1,0 +1,134 @@
+"""The recipe under 2-process DDP and DeepSpeed ZeRO-2 / ZeRO-3 on CPU (gloo), with batches whose
+modalities differ across ranks in every step. Each launch has a timeout, so a hang fails the test.
+
+Marked `multiprocess` (each launch costs ~10-40 s); `.ci/run` runs them with the rest of the suite.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from mmpeft import MMPeftForConditionalGeneration
+
+
+pytestmark = pytest.mark.multiprocess
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+CONFIGS = os.path.join(REPO, "accelerate_configs")
+# Sequential sampling over the synthetic data (image, audio, both and text-only samples in random order):
+# with one sample per process, the two ranks hold different modalities in most steps.
+RECIPE_ARGS = [
+    "--ddp_backend",
+    "gloo",
+    "--synthetic_train_size",
+    "48",
+    "--synthetic_eval_size",
+    "7",
+    "--max_steps",
+    "8",
+    "--per_device_train_batch_size",
+    "1",
+    "--per_device_eval_batch_size",
+    "2",
+    "--eval_strategy",
+    "no",
+    "--save_strategy",
+    "no",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--logging_steps",
+    "1",
+    "--train_sampling_strategy",
+    "sequential",
+    "--learning_rate",
+    "3e-3",
+    "--warmup_steps",
+    "0",
+]
+
+
+def launch(config: str, output_dir, *args, env=None):
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(CONFIGS, config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        os.path.join(HERE, "launch_recipe.py"),
+        *RECIPE_ARGS,
+        "--output_dir",
+        str(output_dir),
+        *args,
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=420, env={**os.environ, **(env or {})}, cwd=output_dir.parent
+    )
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    for rank in (0, 1):
+        assert f"mmpeft: process {rank} of 2" in result.stdout
+        assert f"launch_recipe: rank {rank} wrote" in result.stdout
+    ranks = [load_file(os.path.join(output_dir, f"rank{rank}.safetensors")) for rank in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    for name in ranks[0]:  # both processes ended with the same weights
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    return result, ranks[0]
+
+
+def test_ddp_two_processes_mixed_modalities(tmp_path):
+    # Without unused-parameter detection DDP fails as soon as a rank's batch lacks a modality, unless every
+    # tower still takes part in the step.
+    output = tmp_path / "ddp"
+    result, weights = launch(
+        "cpu_2proc.yaml", output, "--ddp_find_unused_parameters", "false", env={"ACCELERATE_USE_CPU": "true"}
+    )
+    assert "DeepSpeed" not in result.stdout + result.stderr
+    reference = MMPeftForConditionalGeneration.from_pretrained(
+        json.load(open(output / "adapter_config.json"))["base_model_name_or_path"]
+    )
+    trained = PeftModel.from_pretrained(reference, output)
+    saved = dict(trained.named_parameters())
+    for name, tensor in weights.items():  # the saved adapter is what the ranks trained
+        assert torch.equal(saved[name], tensor), name
+
+
+def test_deepspeed_zero2_lora_mixed_modalities(tmp_path):
+    pytest.importorskip("deepspeed")
+    result, weights = launch("deepspeed_zero2.yaml", tmp_path / "zero2")
+    assert "deepspeed" in (result.stdout + result.stderr).lower()
+    assert any("lora_A" in name for name in weights)
+
+
+def test_deepspeed_zero3_full_saves_complete_checkpoint(tmp_path):
+    pytest.importorskip("deepspeed")
+    output = tmp_path / "zero3"
+    _, weights = launch("deepspeed_zero3.yaml", output, "--method", "full")
+    reloaded = dict(MMPeftForConditionalGeneration.from_pretrained(output).named_parameters())
+    assert set(weights) == set(reloaded)
+    for name, tensor in weights.items():  # every trained weight saved whole, exactly
+        assert torch.equal(reloaded[name], tensor), name
+
+
+def test_deepspeed_zero3_lora_saves_adapter_with_projectors(tmp_path):
+    pytest.importorskip("deepspeed")
+    output = tmp_path / "zero3-lora"
+    _, weights = launch("deepspeed_zero3.yaml", output)
+    adapter = json.load(open(output / "adapter_config.json"))
+    assert {"vision_projector", "audio_projector"} <= set(adapter["modules_to_save"])
+    base = MMPeftForConditionalGeneration.from_pretrained(adapter["base_model_name_or_path"])
+    reloaded = dict(PeftModel.from_pretrained(base, output).named_parameters())
+    projector_weights = [name for name in weights if "vision_projector.modules_to_save" in name]
+    assert projector_weights
+    for name, tensor in weights.items():
+        assert torch.equal(reloaded[name], tensor), name
