@@ -66,12 +66,18 @@ DUMMY_AUDIO_SHAPES = {
 }
 
 
+def _audio_encoder_class(audio_config) -> type[PreTrainedModel] | None:
+    """The encoder class for `audio_config` from `AUDIO_ENCODER_CLASSES`; `None`: use `AutoModel`."""
+    if audio_config.model_type not in AUDIO_ENCODER_CLASSES:
+        return None
+    module, name = AUDIO_ENCODER_CLASSES[audio_config.model_type]
+    return getattr(importlib.import_module(module), name)
+
+
 def build_audio_tower(audio_config) -> PreTrainedModel:
     """The audio encoder for `audio_config`, encoder half only."""
-    if audio_config.model_type in AUDIO_ENCODER_CLASSES:
-        module, name = AUDIO_ENCODER_CLASSES[audio_config.model_type]
-        return getattr(importlib.import_module(module), name)(audio_config)
-    return AutoModel.from_config(audio_config)
+    encoder_class = _audio_encoder_class(audio_config)
+    return encoder_class(audio_config) if encoder_class else AutoModel.from_config(audio_config)
 
 
 def build_vision_tower(vision_config) -> PreTrainedModel:
@@ -92,14 +98,11 @@ def load_audio_tower(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedMod
     """The pretrained audio encoder of a checkpoint; for encoder-decoders (Whisper) its encoder half."""
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     config = getattr(config, "audio_config", None) or config
-    if config.model_type in AUDIO_ENCODER_CLASSES:
-        module, name = AUDIO_ENCODER_CLASSES[config.model_type]
-        encoder_class = getattr(importlib.import_module(module), name)
-        # Full-model checkpoints store the encoder under `model.encoder.`.
-        return encoder_class.from_pretrained(
-            name_or_path, config=config, key_mapping={r"^model\.encoder\.": ""}, **kwargs
-        )
-    return AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
+    encoder_class = _audio_encoder_class(config)
+    if encoder_class is None:
+        return AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
+    # Full-model checkpoints (Whisper) store the encoder under `model.encoder.`.
+    return encoder_class.from_pretrained(name_or_path, config=config, key_mapping={r"^model\.encoder\.": ""}, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
