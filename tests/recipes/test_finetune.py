@@ -1,7 +1,6 @@
 """recipes/finetune.py end to end on the embedded default, shrunk: tiny synthetic data, a few steps."""
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 import pytest
 import torch
 from peft import PeftModel
+from recipe_helpers import TINY, finetune, losses
 
 from mmpeft import MMPeftForConditionalGeneration, MMPeftProcessor
 from mmpeft.data import MMPeftDataCollator, MMPeftDataset
@@ -18,42 +18,11 @@ from mmpeft.training import parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "recipes", "configs", "*.yaml")))
-spec = importlib.util.spec_from_file_location("finetune", os.path.join(REPO, "recipes", "finetune.py"))
-finetune = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(finetune)
-
-# The default config, shrunk to seconds: 64 training samples, 12 steps of 8, evaluation at the end.
-TINY = [
-    "--synthetic_train_size",
-    "64",
-    "--synthetic_eval_size",
-    "16",
-    "--max_steps",
-    "12",
-    "--per_device_train_batch_size",
-    "8",
-    "--per_device_eval_batch_size",
-    "16",
-    "--logging_steps",
-    "1",
-    "--eval_strategy",
-    "no",
-    "--save_strategy",
-    "no",
-    "--warmup_steps",
-    "0",
-    "--disable_tqdm",
-    "true",
-]
 
 
 def batch_of(processor, examples):
     dataset = MMPeftDataset(examples, processor)
     return MMPeftDataCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
-
-
-def losses(trainer):
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=os.path.basename)
@@ -259,8 +228,17 @@ def test_accelerate_launch_runs_the_recipe(tmp_path):
 def test_gradient_checkpointing_lm_and_optionally_encoders(encoders, tmp_path):
     args = [*TINY, "--max_steps", "3", "--report_to", "none", "--method", "full", "--learning_rate", "1e-3"]
     plain = finetune.main([*args, "--output_dir", str(tmp_path / "plain")])
-    checkpointed = finetune.main([*args, "--output_dir", str(tmp_path / "gc"), "--gradient_checkpointing", "true",
-                                  "--encoder_gradient_checkpointing", str(encoders).lower()])
+    checkpointed = finetune.main(
+        [
+            *args,
+            "--output_dir",
+            str(tmp_path / "gc"),
+            "--gradient_checkpointing",
+            "true",
+            "--encoder_gradient_checkpointing",
+            str(encoders).lower(),
+        ]
+    )
     model = checkpointed.model
     assert all(layer.gradient_checkpointing for layer in model.language_model.model.layers)
     tower_layers = list(model.vision_tower.encoder.layers) + list(model.audio_tower.layers)

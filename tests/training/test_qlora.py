@@ -1,6 +1,5 @@
 """QLoRA on CPU (bitsandbytes 0.50 runs 4-bit and 8-bit here): the policy, training, and every way back."""
 
-import importlib.util
 import json
 import os
 
@@ -8,6 +7,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from peft import PeftModel
+from recipe_helpers import TINY, finetune, losses
 
 from mmpeft import MMPeftForConditionalGeneration, MMPeftProcessor
 from mmpeft.data import MMPeftDataCollator, MMPeftDataset
@@ -15,39 +15,7 @@ from mmpeft.training import TuningArguments, precision_summary, quantization_con
 from mmpeft.training.export import merge_adapter
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-spec = importlib.util.spec_from_file_location("finetune", os.path.join(REPO, "recipes", "finetune.py"))
-finetune = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(finetune)
-
-TINY = [
-    "--synthetic_train_size",
-    "64",
-    "--synthetic_eval_size",
-    "16",
-    "--max_steps",
-    "12",
-    "--per_device_train_batch_size",
-    "8",
-    "--per_device_eval_batch_size",
-    "16",
-    "--logging_steps",
-    "1",
-    "--eval_strategy",
-    "no",
-    "--save_strategy",
-    "no",
-    "--warmup_steps",
-    "0",
-    "--disable_tqdm",
-    "true",
-    "--report_to",
-    "none",
-    "--learning_rate",
-    "3e-3",
-    "--method",
-    "qlora",
-]
+TINY = [*TINY, "--report_to", "none", "--learning_rate", "3e-3", "--method", "qlora"]
 QUANTIZED_LINEAR = {4: bnb.nn.Linear4bit, 8: bnb.nn.Linear8bitLt}
 
 
@@ -81,8 +49,8 @@ def test_policy_keeps_encoders_projectors_and_head_unquantized():
 def test_qlora_trains_saves_and_reloads(bits, tmp_path):
     output = tmp_path / f"qlora{bits}"
     trainer = finetune.main([*TINY, "--quantization_bits", str(bits), "--output_dir", str(output)])
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert sum(losses[-3:]) < 0.7 * sum(losses[:3])
+    history = losses(trainer)
+    assert sum(history[-3:]) < 0.7 * sum(history[:3])
 
     # The policy as loaded: the LM's block linears quantized, everything else not.
     model = trainer.model.get_base_model()
