@@ -34,7 +34,6 @@ from mmpeft.training import (
     load_datasets,
     load_model,
     parse_args,
-    peak_memory_mb,
     quantization_config,
     reference_checkpoint,
     setup_tuning,
@@ -119,7 +118,7 @@ def main(argv=None):
     if trainer.is_world_process_zero():
         summary = {
             **{k: v for k, v in run_info.items() if k != "mmpeft"},
-            "peak_memory_mb": round(peak_memory_mb(), 1),
+            "peak_memory_mb": round(trainer.peak_memory.mb, 1),
             **{k: v for k, v in train_result.metrics.items() if k in ("train_runtime", "train_samples_per_second")},
             **metrics,
         }
@@ -144,6 +143,7 @@ def _finish_wandb() -> str | None:
     run = sys.modules["wandb"].run
     location = os.path.dirname(run.dir) if run.settings.mode == "offline" else run.url
     run.finish()
+    sys.modules["wandb"].teardown()  # a later run in this process (recipes/compare.py) reads its settings anew
     return location
 
 

@@ -119,7 +119,10 @@ def configure_wandb(training_args: MMPeftTrainingArguments, tuning_args: TuningA
     if "WANDB_MODE" not in os.environ and not _wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"
         logger.info("W&B: no API key configured, logging offline (sync later with `wandb sync`).")
-    os.environ.setdefault("WANDB_DIR", os.path.abspath(training_args.output_dir))
+    # Runs go under their output_dir unless the user chose WANDB_DIR (ours is remembered, so that several runs
+    # in one process -- recipes/compare.py -- each get their own).
+    if os.environ.get("WANDB_DIR") in (None, os.environ.get("MMPEFT_WANDB_DIR")):
+        os.environ["WANDB_DIR"] = os.environ["MMPEFT_WANDB_DIR"] = os.path.abspath(training_args.output_dir)
     os.makedirs(os.environ["WANDB_DIR"], exist_ok=True)
     os.environ.setdefault("WANDB_PROJECT", training_args.wandb_project)
     if training_args.wandb_group:

@@ -4,8 +4,10 @@ overall and per task; WER / BLEU on request), throughput and peak memory in the 
 import re
 import resource
 import sys
+import threading
 import time
 
+import psutil
 import torch
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
@@ -21,8 +23,39 @@ from .tuning import PART_MODULES
 ENCODER_PARAMETER = re.compile(rf"(^|\.)({'|'.join(PART_MODULES['vision'] + PART_MODULES['audio'])})\.")
 
 
+class PeakMemory:
+    """Peak memory since `start()`: accelerator memory where there is one, else this process's resident set
+    size sampled every 20 ms (the OS's own peak counter cannot be reset, so runs made one after another in one
+    process would all report the first one's peak)."""
+
+    def __init__(self):
+        self._peak, self._stop = 0, threading.Event()
+
+    def start(self):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return
+        process = psutil.Process()
+        self._peak = process.memory_info().rss
+
+        def sample():
+            while not self._stop.wait(0.02):
+                self._peak = max(self._peak, process.memory_info().rss)
+
+        threading.Thread(target=sample, daemon=True).start()
+
+    def stop(self):
+        self._stop.set()
+
+    @property
+    def mb(self) -> float:
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+        return max(self._peak, psutil.Process().memory_info().rss) / 2**20
+
+
 def peak_memory_mb() -> float:
-    """Peak memory of this process: accelerator memory where there is one, else resident set size."""
+    """Peak memory over this process's life: accelerator memory where there is one, else resident set size."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -55,10 +88,15 @@ class MMPeftTrainer(Trainer):
         self.generation_metric_names = list(generation_metrics)
         self.generation_max_new_tokens = generation_max_new_tokens
         self._train_start = None
+        self.peak_memory = PeakMemory()
 
     def train(self, *args, **kwargs):
         self._train_start = time.perf_counter()
-        return super().train(*args, **kwargs)
+        self.peak_memory.start()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.peak_memory.stop()
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer, with encoder parameters moved to groups of `encoder_learning_rate_scale` x lr."""
@@ -84,7 +122,7 @@ class MMPeftTrainer(Trainer):
             logs["tokens_per_second"] = round(
                 self.state.num_input_tokens_seen / (time.perf_counter() - self._train_start), 1
             )
-        logs["peak_memory_mb"] = round(peak_memory_mb(), 1)
+        logs["peak_memory_mb"] = round(self.peak_memory.mb, 1)
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(
