@@ -23,6 +23,7 @@ import transformers
 from transformers import EarlyStoppingCallback, set_seed
 
 from mmpeft.data import MMPeftDataCollator, MMPeftDataset
+from mmpeft.hub import PushError, push_output
 from mmpeft.training import (
     EncoderCheckpointingCallback,
     MMPeftTrainer,
@@ -41,7 +42,20 @@ from mmpeft.training import (
 
 
 logger = logging.getLogger("mmpeft")
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny_lora.yaml")
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(HERE, "configs", "tiny_lora.yaml")
+CARD_TEMPLATE = os.path.join(os.path.dirname(HERE), "hub", "model_card_template.md")
+HYPERPARAMETERS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "seed",
+)
 
 
 def main(argv=None):
@@ -52,6 +66,13 @@ def main(argv=None):
     logger.info(f"Config: {config_path}; method: {tuning_args.method}; parts: {tuning_args.components}")
     print(f"mmpeft: process {training_args.process_index} of {training_args.world_size} on {training_args.device}")
     configure_wandb(training_args, tuning_args)
+    # mmpeft pushes itself, once the output is complete on disk (the Trainer would create the repo up front);
+    # the token stays out of the arguments the Trainer saves (training_args.bin) and logs.
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    hub_token, training_args.hub_token = training_args.hub_token, None
+    _hide_token_in_command_line()  # W&B records the command line
+    if push_to_hub and not training_args.hub_model_id:
+        raise ValueError("push_to_hub needs hub_model_id (the repository to push to, e.g. user/my-omni-model).")
     set_seed(training_args.seed)
 
     ################
@@ -119,6 +140,15 @@ def main(argv=None):
         summary = {
             **{k: v for k, v in run_info.items() if k != "mmpeft"},
             "peak_memory_mb": round(trainer.peak_memory.mb, 1),
+            "hyperparameters": {
+                **{k: getattr(training_args, k) for k in HYPERPARAMETERS},
+                **(
+                    {k: getattr(tuning_args, k) for k in ("lora_r", "lora_alpha", "lora_dropout")}
+                    if tuning_args.method in ("lora", "qlora")
+                    else {}
+                ),
+            },
+            "datasets": [spec["path"] for spec in data_args.train_data],
             **{k: v for k, v in train_result.metrics.items() if k in ("train_runtime", "train_samples_per_second")},
             **metrics,
         }
@@ -133,7 +163,24 @@ def main(argv=None):
             f"\nmmpeft | {tuning_args.method} | {shown} | model saved to {os.path.abspath(training_args.output_dir)}"
             + (f" | W&B run: {wandb_run}" if wandb_run else "")
         )
+    if push_to_hub and trainer.is_world_process_zero():
+        url = push_output(
+            training_args.output_dir,
+            training_args.hub_model_id,
+            template=CARD_TEMPLATE,
+            private=bool(training_args.hub_private_repo),
+            token=hub_token,
+        )
+        print(f"mmpeft | pushed to {url}")
     return trainer
+
+
+def _hide_token_in_command_line():
+    for index, argument in enumerate(sys.argv):
+        if argument.startswith("--hub_token="):
+            sys.argv[index] = "--hub_token=<hidden>"
+        elif index and sys.argv[index - 1] == "--hub_token":
+            sys.argv[index] = "<hidden>"
 
 
 def _finish_wandb() -> str | None:
@@ -148,4 +195,7 @@ def _finish_wandb() -> str | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except PushError as error:
+        sys.exit(f"mmpeft: {error}")

@@ -1,0 +1,167 @@
+"""Publishing a fine-tuning output to the Hub: what is pushed per method, the model card, and failures that
+leave the local output intact and say how to retry.
+
+What is pushed: full weights for full / freeze runs; the LoRA adapter (with the fully trained modules such as
+the projectors) and a note of its base for LoRA / QLoRA runs, or with `merge=True` the adapter merged into a
+16-bit base. Always the processor, the model code needed for `trust_remote_code`, and a model card.
+"""
+
+import json
+import os
+import shutil
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+from .models import MMPeftConfig
+
+
+MODEL_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+MODEL_CODE = ("configuration_mmpeft.py", "modeling_mmpeft.py", "processing_mmpeft.py")
+# Never uploaded: resumable state, trackers' folders, and training_args.bin (a pickle that can hold a token).
+IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "wandb/**", "runs/**", "*.bin", "data_report.json"]
+
+
+class PushError(RuntimeError):
+    """A push that failed; the message names the repository, the reason and the command to retry."""
+
+
+def _hub_id(name_or_path: str | None) -> str | None:
+    """`name_or_path` if it names a Hub repository (not a local folder)."""
+    if not name_or_path or os.path.isabs(name_or_path) or os.path.exists(name_or_path) or name_or_path.count("/") != 1:
+        return None
+    return name_or_path
+
+
+def _composition(config: MMPeftConfig) -> list[dict]:
+    parts = []
+    if config.vision_config is not None:
+        details = f"{config.num_image_tokens} tokens per image, {config.vision_projector_type} projector"
+        if config.vision_token_reduction != "none":
+            details += f", {config.vision_token_reduction} x{config.vision_reduction_factor}"
+        parts.append({"role": "vision encoder", "config": config.vision_config, "details": details})
+    if config.audio_config is not None:
+        details = f"{config.audio_frames_per_token} frames per token, {config.audio_projector_type} projector"
+        parts.append({"role": "audio encoder", "config": config.audio_config, "details": details})
+    text = config.text_config
+    parts.append(
+        {"role": "language model", "config": text, "details": f"{text.num_hidden_layers} layers x {text.hidden_size}"}
+    )
+    for part in parts:
+        name = part["config"]._name_or_path
+        part["model"] = f"`{name}`" if _hub_id(name) else f"{part['config'].model_type} (random init / local)"
+        part["hub_id"] = _hub_id(name)
+    return parts
+
+
+def _usage(repo_id: str, adapter: bool, base: str) -> str:
+    if adapter:
+        return (
+            "from peft import PeftModel\n"
+            "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
+            f'base = AutoModelForImageTextToText.from_pretrained("{base}", trust_remote_code=True)\n'
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
+            f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)'
+        )
+    return (
+        "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
+        f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True)\n'
+        f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)\n'
+        'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "audio"}, '
+        '{"type": "text", "text": "Describe them."}]}]\n'
+        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
+        'inputs = processor(text=[prompt], images=[image], audio=[waveform], return_tensors="pt")  # a PIL image, '
+        "a 1-D float array at processor.feature_extractor.sampling_rate\n"
+        "print(processor.batch_decode(model.generate(**inputs, max_new_tokens=32), skip_special_tokens=True))"
+    )
+
+
+def model_card(folder: str, repo_id: str, template: str, comparison: str | None = None, license: str = "apache-2.0"):
+    """The `ModelCard` of the output in `folder`: metadata, composition, method and hyperparameters, eval
+    metrics, the comparison table when given, and a usage snippet for plain transformers."""
+    adapter_file = os.path.join(folder, "adapter_config.json")
+    adapter = json.load(open(adapter_file)) if os.path.exists(adapter_file) else None
+    base = adapter["base_model_name_or_path"] if adapter else None
+    config = MMPeftConfig.from_pretrained(base if adapter else folder)
+    summary_file = os.path.join(folder, "run_summary.json")
+    summary = json.load(open(summary_file)) if os.path.exists(summary_file) else {}
+    parts = _composition(config)
+    metrics = {k: round(v, 4) for k, v in summary.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+    method = summary.get("method", "lora" if adapter else "full")
+    base_models = [_hub_id(base)] if adapter and _hub_id(base) else [p["hub_id"] for p in parts if p["hub_id"]]
+    card_data = ModelCardData(
+        license=license,
+        library_name="peft" if adapter else "transformers",
+        base_model=base_models or None,
+        tags=["mmpeft", "multimodal", "image-text-to-text", "audio-text-to-text", method],
+        datasets=[d for d in summary.get("datasets", []) if _hub_id(d)] or None,
+        pipeline_tag="image-text-to-text",
+    )
+    trainable = summary.get("trainable_params")
+    return ModelCard.from_template(
+        card_data,
+        template_path=template,
+        model_name=repo_id.split("/")[-1],
+        composition_sentence=", ".join(f"{p['role']} {p['model']}" for p in parts) + ", joined by projectors.",
+        parts=parts,
+        method=method,
+        adapter=bool(adapter),
+        adapter_modules=", ".join(adapter.get("modules_to_save") or []) if adapter else "",
+        base_model=base,
+        trainable=f"{trainable:,} ({100 * summary['trainable_fraction']:.2f} %)" if trainable else "n/a",
+        hyperparameters=summary.get("hyperparameters", {}),
+        metrics=metrics,
+        comparison=comparison,
+        usage=_usage(repo_id, bool(adapter), base),
+    )
+
+
+def push_output(
+    output_dir: str,
+    repo_id: str,
+    *,
+    template: str,
+    private: bool = False,
+    token: str | None = None,
+    merge: bool = False,
+    comparison: str | None = None,
+) -> str:
+    """Push a `recipes/finetune.py` output to `repo_id` and return the repository URL.
+
+    Everything is written locally first (the merged checkpoint in `<output_dir>-merged`, the model card as
+    `README.md`); a failed push raises `PushError` and leaves those files as they are, to retry with
+    `recipes/push.py`. The token is only handed to the Hub client.
+    """
+    folder = output_dir
+    adapter = os.path.exists(os.path.join(output_dir, "adapter_config.json"))
+    if merge and adapter:
+        from .training.export import merge_adapter
+
+        folder = merge_adapter(output_dir, output_dir.rstrip("/") + "-merged")
+        for name in ("run_summary.json", "eval_results.json"):
+            if os.path.exists(os.path.join(output_dir, name)):
+                shutil.copy(os.path.join(output_dir, name), folder)
+    for name in MODEL_CODE:  # adapters hold no model code of their own
+        if not os.path.exists(os.path.join(folder, name)):
+            shutil.copy(os.path.join(MODEL_CODE_DIR, name), folder)
+    model_card(folder, repo_id, template, comparison).save(os.path.join(folder, "README.md"))
+
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            ignore_patterns=IGNORE_PATTERNS,
+            commit_message="Upload model trained with mmpeft",
+        )
+    except Exception as error:  # network, HTTP and authentication errors all end the same way
+        reason = (str(error).replace(token, "<token>") if token else str(error)) or type(error).__name__
+        raise PushError(
+            f"Pushing {folder} to the Hub repository {repo_id} failed: {reason.splitlines()[0]}\n"
+            f"The local output in {folder} is complete and untouched; retry with:\n"
+            f"    python recipes/push.py {output_dir} {repo_id}{' --merge' if merge else ''}"
+        ) from None
+    return str(url)
+
+
+__all__ = ["PushError", "model_card", "push_output"]

@@ -1,0 +1,160 @@
+"""Publishing with the real `huggingface_hub` client against a loopback Hub server (tests/hub_server.py):
+push from the recipe and from recipes/push.py, load back from that server in a Python without mmpeft, and
+the failure cases (server down, HTTP 401 / 500 on commit)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from hub_server import FakeHub
+from recipe_helpers import REPO, TINY, finetune
+from tiny_parts import media
+
+from mmpeft import MMPeftForConditionalGeneration, MMPeftProcessor
+from mmpeft.data import MMPeftDataCollator, MMPeftDataset
+
+
+TOKEN = "hf_secret_test_token_123"
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub(token=TOKEN)
+    yield server
+    server.close()
+
+
+def hub_env(hub, tmp_path):
+    return {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": TOKEN,
+            "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+
+
+def run(command, env, cwd, timeout=300):
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return result, time.perf_counter() - start
+
+
+LOAD_WITHOUT_MMPEFT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class Hide(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "mmpeft" or name.startswith("mmpeft."):
+                raise ModuleNotFoundError(name)
+    sys.meta_path.insert(0, Hide())
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    repo_id, batch_file, out_file = sys.argv[1:4]
+    model = AutoModelForImageTextToText.from_pretrained(repo_id, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(repo_id, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert type(processor).__name__ == "MMPeftProcessor"
+    with torch.no_grad():
+        torch.save(model(**torch.load(batch_file)).logits, out_file)
+    """
+)
+
+
+def logits_batch(output_dir, examples):
+    processor = MMPeftProcessor.from_pretrained(output_dir)
+    dataset = MMPeftDataset(examples, processor)
+    return MMPeftDataCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+
+
+def assert_loads_without_mmpeft(hub, tmp_path, repo_id, batch, expected):
+    torch.save(batch, tmp_path / "batch.pt")
+    (tmp_path / "load.py").write_text(LOAD_WITHOUT_MMPEFT)
+    env = {**hub_env(hub, tmp_path), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result, _ = run([sys.executable, str(tmp_path / "load.py"), repo_id, str(tmp_path / "batch.pt"),
+                     str(tmp_path / "remote.pt")], env, tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "remote.pt"), expected)
+
+
+def test_push_full_output_with_card_and_load_it_back_without_mmpeft(hub, tmp_path):
+    output = tmp_path / "full"
+    trainer = finetune.main([*TINY, "--method", "full", "--output_dir", str(output), "--report_to", "none"])
+    result, seconds = run([sys.executable, os.path.join(REPO, "recipes", "push.py"), str(output), "alice/tiny-full"],
+                          hub_env(hub, tmp_path), tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = hub.files("alice/tiny-full")
+    assert {"model.safetensors", "config.json", "modeling_mmpeft.py", "configuration_mmpeft.py",
+            "processing_mmpeft.py", "processor_config.json", "tokenizer.json", "README.md"} <= set(files)  # fmt: skip
+    assert not any(name.startswith(("checkpoint-", "wandb")) or name.endswith(".bin") for name in files)
+    card = files["README.md"].decode()
+    assert (
+        card.startswith("---\n")
+        and "library_name: transformers" in card
+        and "pipeline_tag: image-text-to-text" in card
+    )
+    assert "Method: **full**" in card and "| language model |" in card and "eval_accuracy" in card
+    assert 'AutoModelForImageTextToText.from_pretrained("alice/tiny-full", trust_remote_code=True)' in card
+
+    # From the same server, in a Python where mmpeft cannot be imported: identical outputs.
+    batch = logits_batch(output, trainer.eval_dataset.examples[:4])
+    with torch.no_grad():
+        expected = MMPeftForConditionalGeneration.from_pretrained(output).eval()(**batch).logits
+    assert_loads_without_mmpeft(hub, tmp_path, "alice/tiny-full", batch, expected)
+
+
+def test_recipe_pushes_lora_adapter_then_merged_and_never_leaks_the_token(hub, tmp_path):
+    output = tmp_path / "lora"
+    command = [sys.executable, os.path.join(REPO, "recipes", "finetune.py"), *TINY, "--output_dir", str(output),
+               "--push_to_hub", "true", "--hub_model_id", "alice/tiny-lora", "--hub_token", TOKEN]  # fmt: skip
+    env = {**hub_env(hub, tmp_path), "HF_TOKEN": "", "WANDB_MODE": "offline"}  # the token only on the command line
+    result, _ = run(command, env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mmpeft | pushed to" in result.stdout
+    files = hub.files("alice/tiny-lora")
+    assert {"adapter_config.json", "adapter_model.safetensors", "processor_config.json", "modeling_mmpeft.py",
+            "README.md"} <= set(files)  # fmt: skip
+    card = files["README.md"].decode()
+    assert "library_name: peft" in card and "Method: **lora**" in card and "vision_projector" in card
+    # The token is in no log, card, saved argument or W&B record.
+    for text in [result.stdout, result.stderr, *(data.decode(errors="ignore") for data in files.values())]:
+        assert TOKEN not in text
+    for root, _, names in os.walk(output):
+        for name in names:
+            assert TOKEN.encode() not in open(os.path.join(root, name), "rb").read(), name
+
+    # recipes/push.py --merge: a plain 16-bit checkpoint that loads without PEFT or mmpeft.
+    result, _ = run([sys.executable, os.path.join(REPO, "recipes", "push.py"), str(output), "alice/tiny-merged",
+                     "--merge"], hub_env(hub, tmp_path), tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged_files = hub.files("alice/tiny-merged")
+    assert "model.safetensors" in merged_files and "adapter_config.json" not in merged_files
+    merged_dir = str(output) + "-merged"
+    images, audio = media(0, num_images=1, audio_seconds=(0.5,))
+    processor = MMPeftProcessor.from_pretrained(merged_dir)
+    batch = dict(processor(text=["<image><audio> What?"], images=images, audio=audio, return_tensors="pt"))
+    with torch.no_grad():
+        expected = MMPeftForConditionalGeneration.from_pretrained(merged_dir).eval()(**batch).logits
+    assert_loads_without_mmpeft(hub, tmp_path, "alice/tiny-merged", batch, expected)
+
+
+@pytest.mark.parametrize("failure", ["server down", "401 on commit", "500 on commit"])
+def test_failed_push_is_fast_clear_and_leaves_output_intact(failure, hub, tmp_path, reference_dir):
+    output = tmp_path / "out"
+    MMPeftForConditionalGeneration.from_pretrained(reference_dir).save_pretrained(output)
+    MMPeftProcessor.from_pretrained(reference_dir).save_pretrained(output)
+    before = {name: os.path.getsize(output / name) for name in os.listdir(output)}
+    env = hub_env(hub, tmp_path)
+    if failure == "server down":
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there
+    elif failure == "401 on commit":
+        hub.fail["commit"] = 401
+    else:
+        hub.fail["commit"] = 500
+    result, seconds = run([sys.executable, os.path.join(REPO, "recipes", "push.py"), str(output), "alice/x"], env,
+                          tmp_path)  # fmt: skip
+    assert result.returncode != 0 and seconds < 30
+    assert "Pushing" in result.stderr and "failed" in result.stderr and "retry with" in result.stderr
+    assert f"python recipes/push.py {output} alice/x" in result.stderr
+    assert TOKEN not in result.stderr + result.stdout
+    after = {name: os.path.getsize(output / name) for name in os.listdir(output) if name != "README.md"}
+    assert after == before  # only the model card was added, locally, before the push
