@@ -1,6 +1,6 @@
 """Compare fine-tuning methods on the same model, data, seed and step budget, side by side.
 
-    # The embedded default (tiny model + generated data), full vs LoRA vs QLoRA: ~6 min on a 2-core CPU
+    # The embedded default (tiny model + generated data), full vs LoRA vs QLoRA: ~4 min on a 2-core CPU
     python recipes/compare.py --methods full,lora,qlora
     accelerate launch recipes/compare.py --config recipes/configs/tiny_lora.yaml --methods full,lora
     python recipes/compare.py --config <config.yaml> --methods full,lora,qlora,freeze --max_steps 500
