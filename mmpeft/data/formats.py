@@ -38,13 +38,24 @@ class Record:
     data: dict
     where: str  # "path/train.jsonl:12" or "dataset-name[12]"
     base_dir: str | None = None  # folder that relative media paths are resolved against
+    allow_outside: bool = False  # accept media paths outside base_dir (absolute, or escaping with "..")
     error: str | None = None  # why the raw sample could not even be parsed (malformed JSON line)
 
 
-def _resolve(path: str, base_dir: str | None) -> str:
-    if path.startswith(("http://", "https://")) or os.path.isabs(path) or base_dir is None:
+def _resolve(path: str, record: "Record", field_name: str) -> str:
+    """`path` resolved against the record's data folder. Paths that leave that folder (absolute ones, or
+    `../` escapes) are refused unless `record.allow_outside`: a dataset must not read arbitrary files."""
+    if path.startswith(("http://", "https://")) or record.base_dir is None:
         return path
-    return os.path.join(base_dir, path)
+    resolved = os.path.realpath(os.path.join(record.base_dir, path))
+    root = os.path.realpath(record.base_dir)
+    if not record.allow_outside and os.path.commonpath([resolved, root]) != root:
+        raise BadSampleError(
+            record.where,
+            f"media path {path!r} is outside the data folder {root} (set allow_media_outside_data_dir to allow)",
+            field_name,
+        )
+    return resolved
 
 
 def _media_part(kind: str, part: dict, record: Record, field_name: str) -> dict:
@@ -53,9 +64,9 @@ def _media_part(kind: str, part: dict, record: Record, field_name: str) -> dict:
         source = part.get("path") or part.get("url")
         if source is None:
             raise BadSampleError(record.where, f"{kind} part has no 'path', 'url' or '{kind}'", field_name)
-        source = _resolve(source, record.base_dir)
+        source = _resolve(source, record, field_name)
     elif isinstance(source, str):
-        source = _resolve(source, record.base_dir)
+        source = _resolve(source, record, field_name)
     return {"type": kind, kind: source}
 
 
@@ -122,7 +133,7 @@ def from_llava(record: Record) -> list[dict]:
                     )
                 source = media[kind][used[kind]]
                 parts.append(
-                    {"type": kind, kind: _resolve(source, record.base_dir) if isinstance(source, str) else source}
+                    {"type": kind, kind: _resolve(source, record, kind) if isinstance(source, str) else source}
                 )
                 used[kind] += 1
             elif piece:
@@ -149,11 +160,12 @@ def to_conversation(record: Record) -> list[dict]:
     raise BadSampleError(record.where, f"has neither 'messages' nor 'conversations' (keys: {sorted(record.data)})")
 
 
-def read_records(source: str, split: str = "train") -> Iterator[Record]:
+def read_records(source: str, split: str = "train", allow_outside: bool = False) -> Iterator[Record]:
     """Records of a JSONL / JSON file, or of a `datasets` dataset (a local folder or a Hub id) split.
 
     A malformed JSON line becomes a record whose conversion fails with the line's number, so that it is
-    counted (or raised) like any other bad sample.
+    counted (or raised) like any other bad sample. Media paths must stay inside the data file's folder (or
+    the dataset folder) unless `allow_outside`.
     """
     if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
         base_dir = os.path.dirname(os.path.abspath(source))
@@ -167,20 +179,20 @@ def read_records(source: str, split: str = "train") -> Iterator[Record]:
                 if not isinstance(items, list):
                     raise BadSampleError(source, "a JSON file must hold a list of samples (or {'data': [...]})")
                 for index, item in enumerate(items):
-                    yield Record(item, f"{source}[{index}]", base_dir)
+                    yield Record(item, f"{source}[{index}]", base_dir, allow_outside)
                 return
             for number, line in enumerate(file, start=1):
                 if not line.strip():
                     continue
                 try:
-                    yield Record(json.loads(line.decode("utf-8")), f"{source}:{number}", base_dir)
+                    yield Record(json.loads(line.decode("utf-8")), f"{source}:{number}", base_dir, allow_outside)
                 except (ValueError, UnicodeDecodeError) as error:
                     yield Record(None, f"{source}:{number}", base_dir, error=f"malformed JSON line: {error}")
         return
-    yield from _read_dataset(source, split)
+    yield from _read_dataset(source, split, allow_outside)
 
 
-def _read_dataset(source: str, split: str) -> Iterator[Record]:
+def _read_dataset(source: str, split: str, allow_outside: bool) -> Iterator[Record]:
     import datasets
 
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_info.json")):
@@ -194,7 +206,7 @@ def _read_dataset(source: str, split: str) -> Iterator[Record]:
             dataset = dataset.cast_column(name, datasets.Audio(decode=False))
     base_dir = source if os.path.isdir(source) else None
     for index, item in enumerate(dataset):
-        yield Record(item, f"{source}[{split}][{index}]", base_dir)
+        yield Record(item, f"{source}[{split}][{index}]", base_dir, allow_outside)
 
 
 __all__ = ["BadSampleError", "Record", "read_records", "to_conversation"]

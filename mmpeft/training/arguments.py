@@ -69,6 +69,10 @@ class DataArguments:
     on_overlong: Literal["error", "skip"] = field(
         default="skip", metadata={"help": "Samples over max_length: skip+count (never truncated) or raise."}
     )
+    allow_media_outside_data_dir: bool = field(
+        default=False,
+        metadata={"help": "Accept media paths outside the data file's folder (absolute paths, '../' escapes)."},
+    )
     synthetic_train_size: int = field(default=3000, metadata={"help": "Embedded dataset: training samples."})
     synthetic_eval_size: int = field(default=300, metadata={"help": "Embedded dataset: evaluation samples."})
     data_seed_mixing: int = field(default=0, metadata={"help": "Seed of the weighted mixing of several datasets."})

@@ -79,7 +79,7 @@ def load_datasets(args: DataArguments, processor, output_dir: str | None = None)
         parts = []
         for spec in specs:
             examples, report = prepare_examples(
-                read_records(spec["path"], spec["split"]),
+                read_records(spec["path"], spec["split"], args.allow_media_outside_data_dir),
                 processor,
                 max_length=args.max_length,
                 on_bad_sample=args.on_bad_sample,

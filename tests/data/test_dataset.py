@@ -116,7 +116,10 @@ def test_llava_json_and_datasets_formats_give_the_same_sample(files, processor):
         "audio": [str(files / "media/tone.wav")],
     }
     datasets.Dataset.from_dict(rows).save_to_disk(str(files / "hf"))
-    from_datasets, _ = prepare_examples(read_records(str(files / "hf")), processor)
+    # Its media live outside the dataset folder: refused unless allowed.
+    with pytest.raises(BadSampleError, match=r"outside the data folder"):
+        prepare_examples(read_records(str(files / "hf")), processor)
+    from_datasets, _ = prepare_examples(read_records(str(files / "hf"), allow_outside=True), processor)
     assert from_llava[0].input_ids == from_messages[0].input_ids == from_datasets[0].input_ids
     assert from_llava[0].labels == from_messages[0].labels
 
@@ -213,3 +216,21 @@ def test_audio_is_downmixed_and_resampled(files, processor):
     assert audio.ndim == 1 and audio.dtype == np.float32 and abs(len(audio) - 8000) <= 1
     spectrum = np.abs(np.fft.rfft(audio))
     assert abs(np.argmax(spectrum) * 16000 / len(audio) - 440) < 5  # same pitch after resampling
+
+
+@pytest.mark.parametrize("path", ["../secret.png", "media/../../secret.png", "ABSOLUTE"])
+def test_media_paths_outside_the_data_folder_are_refused_unless_allowed(path, files, processor):
+    outside = files.parent / "secret.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    path = str(outside) if path == "ABSOLUTE" else path
+    data = files / "d.jsonl"
+    row = {"messages": [user({"type": "image", "path": path}), {"role": "assistant", "content": "x"}]}
+    write_jsonl(data, [row])
+    with pytest.raises(
+        BadSampleError, match=rf"{data}:1: field 'messages\[0\]\.content\[0\]': media path .* is outside"
+    ):
+        prepare_examples(read_records(str(data)), processor)
+    examples, report = prepare_examples(read_records(str(data)), processor, on_bad_sample="skip")
+    assert not examples and report.skipped == 1
+    [example], _ = prepare_examples(read_records(str(data), allow_outside=True), processor)
+    assert example.images == [str(outside)]
