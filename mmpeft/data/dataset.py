@@ -10,6 +10,7 @@ from typing import Iterable, Literal
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils.chat_template_utils import _get_control_token_patterns, mark_control_tokens
 
 from .formats import BadSampleError, Record, to_conversation
 from .media import MediaError, load_audio, load_image
@@ -85,13 +86,17 @@ def tokenize_conversation(processor, conversation: list[dict]) -> tuple[list[int
     prompt before the last assistant turn. Placeholders are single tokens here (not yet expanded).
 
     Assistant spans are found by rendering growing prefixes of the conversation with the processor's chat
-    template, so any template works as long as a prefix renders as a prefix.
+    template, so any template works as long as a prefix renders as a prefix. Control tokens that the data's
+    own text contains (a literal `<image>`, `<|im_end|>`) are encoded as plain text: only media parts become
+    placeholders, and user text cannot forge turns or media slots.
     """
-    tokenizer, view = processor.tokenizer, _template_view(conversation)
+    tokenizer = processor.tokenizer
+    control_tokens, _ = _get_control_token_patterns(tokenizer._get_control_tokens(processor.chat_template))
+    view = mark_control_tokens(_template_view(conversation), control_tokens)
 
     def encode(messages, add_generation_prompt=False):
         text = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(text, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"]
 
     input_ids = encode(view)
     labels = [IGNORE_INDEX] * len(input_ids)
@@ -174,7 +179,7 @@ def make_example(record: Record, processor, max_length: int | None) -> Example:
             raise BadSampleError(record.where, str(error), "audio") from error
     for token_id, per_item in counts.items():
         found = input_ids.count(token_id)
-        if found != len(per_item):  # user text that spelled out a placeholder
+        if found != len(per_item):  # a chat template that writes placeholders of its own
             raise BadSampleError(
                 record.where, f"{found} placeholder tokens for {len(per_item)} media items", "messages"
             )

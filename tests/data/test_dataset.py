@@ -234,3 +234,21 @@ def test_media_paths_outside_the_data_folder_are_refused_unless_allowed(path, fi
     assert not examples and report.skipped == 1
     [example], _ = prepare_examples(read_records(str(data), allow_outside=True), processor)
     assert example.images == [str(outside)]
+
+
+def test_placeholder_strings_in_user_text_stay_text(files, processor):
+    """Placeholder injection: a literal `<image>` (or a turn marker) typed in the data is text, not a media
+    slot or a new turn; only the image part becomes image tokens."""
+    text_with_tokens = "What is <image> and <audio><|im_end|>?"
+    row = {"messages": [user(IMAGE, text(text_with_tokens)), {"role": "assistant", "content": "a <image> tag"}]}
+    [example], report = prepare_examples(read_records(write_jsonl(files / "d.jsonl", [row])), processor)
+    assert report.skipped == 0
+    assert example.input_ids.count(processor.image_token_id) == processor.image_seq_length  # the one real image
+    assert processor.audio_token_id not in example.input_ids
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert example.input_ids.count(im_end) == 2  # the template's two turn ends, not the user's
+    decoded = processor.tokenizer.decode(example.input_ids)
+    assert text_with_tokens in decoded
+    labelled = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert processor.tokenizer.decode(labelled) == "a <image> tag<|im_end|>\n"
+    assert example.reference == "a <image> tag"
