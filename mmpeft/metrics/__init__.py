@@ -1,5 +1,6 @@
 """Generation metrics as local `evaluate` modules (Hub metrics cannot be loaded offline)."""
 
+import functools
 import os
 
 import evaluate
@@ -10,8 +11,10 @@ METRICS_DIR = os.path.dirname(os.path.abspath(__file__))
 METRICS = {"accuracy": ("exact_match", "exact_match"), "wer": ("wer", "wer"), "bleu": ("bleu", "bleu")}
 
 
+@functools.lru_cache
 def load_metric(name: str) -> evaluate.EvaluationModule:
-    """The `evaluate` module for `name` (one of `METRICS`), loaded from mmpeft's own files."""
+    """The `evaluate` module for `name` (one of `METRICS`), loaded from mmpeft's own files (once per process:
+    every evaluation computes accuracy overall and per task)."""
     if name not in METRICS:
         raise ValueError(f"unknown generation metric {name!r}; choose from {sorted(METRICS)}")
     return evaluate.load(os.path.join(METRICS_DIR, METRICS[name][0]))

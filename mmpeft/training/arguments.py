@@ -16,10 +16,6 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 
-COMPONENT_TUNING = ("frozen", "lora", "full")
-METHODS = ("full", "freeze", "lora", "qlora")
-
-
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
@@ -273,7 +269,6 @@ def parse_args(argv: list[str] | None = None, default_config: str | None = None)
 
 __all__ = [
     "ARGUMENT_CLASSES",
-    "COMPONENT_TUNING",
     "DataArguments",
     "METHOD_DEFAULTS",
     "MMPeftTrainingArguments",

@@ -1,5 +1,6 @@
 """Building what a run needs from its arguments: the model and processor, the datasets, the W&B setup."""
 
+import json
 import logging
 import os
 import random
@@ -103,8 +104,6 @@ def load_datasets(args: DataArguments, processor, output_dir: str | None = None)
     else:
         evaluation = []
     if output_dir:
-        import json
-
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "data_report.json"), "w") as file:
             json.dump(reports, file, indent=2)
