@@ -131,16 +131,19 @@ def build_reference_model(seed: int = 0) -> tuple[MMPeftForConditionalGeneration
         vision_reduction_factor=2,
         audio_frames_per_token=AUDIO_FRAMES_PER_TOKEN,
     )
-    torch.manual_seed(seed)
-    model = MMPeftForConditionalGeneration(config)
-    # A random Whisper encoder hears little: with its std-0.02 init the convolutions' output is several times
-    # weaker than the fixed sinusoidal positions, and what reaches the projector is mostly "which frame is
-    # this" -- a frozen tower then loses the pitch of a tone. PyTorch's default conv init and positions
-    # scaled to a tenth keep the spectrum audible (tests/test_reference.py checks it). A pretrained encoder
-    # needs none of this; the reference model is random either way.
-    tower = model.audio_tower
-    for conv in (tower.conv1, tower.conv2):
-        conv.reset_parameters()
+    # Seeded here without moving the caller's random state (a recipe's run stays the same whether or not it had
+    # to build this model first).
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = MMPeftForConditionalGeneration(config)
+        # A random Whisper encoder hears little: with its std-0.02 init the convolutions' output is several times
+        # weaker than the fixed sinusoidal positions, and what reaches the projector is mostly "which frame is
+        # this" -- a frozen tower then loses the pitch of a tone. PyTorch's default conv init and positions
+        # scaled to a tenth keep the spectrum audible (tests/test_reference.py checks it). A pretrained encoder
+        # needs none of this; the reference model is random either way.
+        tower = model.audio_tower
+        for conv in (tower.conv1, tower.conv2):
+            conv.reset_parameters()
     with torch.no_grad():
         tower.embed_positions.weight.mul_(0.1)
     processor = MMPeftProcessor(

@@ -115,6 +115,21 @@ def lm_bytes(model_path: str) -> tuple[int, int]:
     )
 
 
+def machine_description() -> str:
+    """The machine: architecture, and the accelerator's name or the CPU core count."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    return f"{platform.machine()}, {device}"
+
+
+def run_worker(command: list[str]) -> dict:
+    """Run a benchmark worker in a fresh process (so that its peak memory is its own) and return the JSON object
+    it prints on its last line. A failed worker raises with the end of its output."""
+    process = subprocess.run(command, capture_output=True, text=True)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr[-3000:]}")
+    return json.loads(process.stdout.splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run (after 3 warm-up steps)")
@@ -133,8 +148,7 @@ def main():
             "tiny (reference)": reference_checkpoint(),
             "small (LM 512 x 4)": build_small(os.path.join(workdir, "small")),
         }
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-        print(f"Machine: {platform.machine()}, {device}; batch {args.batch_size}, median of {args.steps} steps\n")
+        print(f"Machine: {machine_description()}; batch {args.batch_size}, median of {args.steps} steps\n")
         print("| model | method | ms / step | peak memory | trainable params | LM weights (QLoRA / bf16) |")
         print("|---|---|---|---|---|---|")
         for name, path in models.items():
@@ -153,9 +167,7 @@ def main():
                     "--data-dir",
                     os.path.join(workdir, "data"),
                 ]
-                result = json.loads(
-                    subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
-                )
+                result = run_worker(command)
                 ratio = f"{qlora_bytes / 2**20:.2f} / {bf16_bytes / 2**20:.2f} MiB = {qlora_bytes / bf16_bytes:.0%}"
                 ratio = ratio if method == "qlora" else ""
                 print(

@@ -28,6 +28,7 @@ from mmpeft.training import (
     EncoderCheckpointingCallback,
     MMPeftTrainer,
     WandbRunInfoCallback,
+    checkpoint_to_resume,
     configure_wandb,
     count_parameters,
     describe_precision,
@@ -37,6 +38,7 @@ from mmpeft.training import (
     parse_args,
     quantization_config,
     reference_checkpoint,
+    remove_incomplete_checkpoints,
     setup_tuning,
 )
 
@@ -107,7 +109,9 @@ def main(argv=None):
         args=training_args,
         train_dataset=MMPeftDataset(train_examples, processor),
         eval_dataset=MMPeftDataset(eval_examples, processor) if eval_examples else None,
-        data_collator=MMPeftDataCollator(processor.tokenizer.pad_token_id, max_length=data_args.max_length),
+        data_collator=MMPeftDataCollator(
+            processor.tokenizer.pad_token_id, max_length=data_args.max_length, padding_free=data_args.padding_free
+        ),
         processing_class=processor,
         generation_examples=generation_examples,
         generation_metrics=training_args.generation_metrics,
@@ -127,7 +131,12 @@ def main(argv=None):
     }
     trainer.add_callback(WandbRunInfoCallback(run_info))
 
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    checkpoint = checkpoint_to_resume(
+        training_args.output_dir, training_args.resume_from_checkpoint, training_args.auto_resume
+    )
+    if checkpoint and trainer.is_world_process_zero():
+        remove_incomplete_checkpoints(training_args.output_dir)
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_metrics("train", train_result.metrics)
     metrics = trainer.evaluate() if eval_examples else {}
     if metrics:
@@ -140,6 +149,7 @@ def main(argv=None):
         summary = {
             **{k: v for k, v in run_info.items() if k != "mmpeft"},
             "peak_memory_mb": round(trainer.peak_memory.mb, 1),
+            **(trainer.data_clock.rates(trainer.state.num_input_tokens_seen) if trainer.data_clock else {}),
             "hyperparameters": {
                 **{k: getattr(training_args, k) for k in HYPERPARAMETERS},
                 **(

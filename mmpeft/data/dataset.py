@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from transformers.utils.chat_template_utils import _get_control_token_patterns, mark_control_tokens
 
 from .formats import BadSampleError, Record, to_conversation
-from .media import MediaError, load_audio, load_image
+from .media import MediaError, audio_length, load_audio, load_image
 
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,12 @@ class OverlongError(BadSampleError):
 
 
 def make_example(record: Record, processor, max_length: int | None) -> Example:
-    """Validate and encode one record. Raises `BadSampleError` naming the record and field."""
+    """Validate and encode one record. Raises `BadSampleError` naming the record and field.
+
+    Audio is measured from its file header first, so that a sample over `max_length` is refused
+    (`OverlongError`) before any of its media is decoded: a two-hour recording costs no memory. The media of
+    a sample within the limit are then decoded once, to find broken files now rather than mid-training.
+    """
     conversation = to_conversation(record)
     if not conversation:
         raise BadSampleError(record.where, "empty conversation", "messages")
@@ -152,31 +157,32 @@ def make_example(record: Record, processor, max_length: int | None) -> Example:
         raise BadSampleError(record.where, "no assistant turn to learn from", "messages")
     if not any(p["type"] == "text" and p["text"].strip() for p in answers[-1]["content"]):
         raise BadSampleError(record.where, "the last assistant turn has no text", "messages")
+    task = record.data.get("task")
+    if task is not None and not isinstance(task, str):
+        raise BadSampleError(record.where, f"must be a string, got {type(task).__name__}", "task")
 
-    images, audio = [], []
-    for kind, loaded, present in (("image", images, "image_processor"), ("audio", audio, "feature_extractor")):
-        for source, field_name in _media(conversation, kind):
-            if getattr(processor, present, None) is None:
-                raise BadSampleError(
-                    record.where, f"has {kind} input but the model has no {kind} modality", field_name
-                )
-            try:
-                if kind == "image":
-                    loaded.append(load_image(source))
-                else:
-                    loaded.append(load_audio(source, processor.feature_extractor.sampling_rate))
-            except MediaError as error:
-                raise BadSampleError(record.where, str(error), field_name) from error
+    media = {kind: _media(conversation, kind) for kind in ("image", "audio")}
+    for kind, present in (("image", "image_processor"), ("audio", "feature_extractor")):
+        if media[kind] and getattr(processor, present, None) is None:
+            raise BadSampleError(
+                record.where, f"has {kind} input but the model has no {kind} modality", media[kind][0][1]
+            )
+    sampling_rate = processor.feature_extractor.sampling_rate if media["audio"] else None
+    audio_lengths = [
+        _read_media(record, field_name, audio_length, source, sampling_rate) for source, field_name in media["audio"]
+    ]
 
     input_ids, labels, prompt_length = tokenize_conversation(processor, conversation)
     counts = {}
-    if images:
-        counts[processor.image_token_id] = [processor.image_seq_length] * len(images)
-    if audio:
-        try:
-            counts[processor.audio_token_id] = processor.process_audio(audio)[1]
-        except ValueError as error:
-            raise BadSampleError(record.where, str(error), "audio") from error
+    if media["image"]:
+        counts[processor.image_token_id] = [processor.image_seq_length] * len(media["image"])
+    if media["audio"]:
+        counts[processor.audio_token_id] = []
+        for length, (_, field_name) in zip(audio_lengths, media["audio"]):
+            try:
+                counts[processor.audio_token_id].append(processor.num_audio_tokens_for_samples(length))
+            except ValueError as error:
+                raise BadSampleError(record.where, str(error), field_name) from error
     for token_id, per_item in counts.items():
         found = input_ids.count(token_id)
         if found != len(per_item):  # a chat template that writes placeholders of its own
@@ -191,18 +197,35 @@ def make_example(record: Record, processor, max_length: int | None) -> Example:
     input_ids, labels = expand_placeholders(input_ids, labels, counts)
     if max_length is not None and len(input_ids) > max_length:
         raise OverlongError(record.where, f"longer than max_length ({len(input_ids)} > {max_length} tokens)")
-    media = {kind: [source for source, _ in _media(conversation, kind)] for kind in ("image", "audio")}
+
+    # Decode every media item once (and drop it): broken files are found now, not mid-training.
+    for source, field_name in media["image"]:
+        _read_media(record, field_name, load_image, source)
+    for (source, field_name), length in zip(media["audio"], audio_lengths):
+        decoded = _read_media(record, field_name, load_audio, source, sampling_rate).shape[0]
+        if decoded != length:  # the token count above came from the header
+            raise BadSampleError(
+                record.where, f"audio decodes to {decoded} samples but its header says {length}", field_name
+            )
     return Example(
         input_ids=input_ids,
         labels=labels,
-        images=media["image"],
-        audio=media["audio"],
+        images=[source for source, _ in media["image"]],
+        audio=[source for source, _ in media["audio"]],
         where=record.where,
-        task=record.data.get("task"),
+        task=task,
         prompt_length=len(prompt_ids),
         prompt_media=prompt_media,
         reference="".join(p["text"] for p in answers[-1]["content"] if p["type"] == "text").strip(),
     )
+
+
+def _read_media(record: Record, field_name: str, read, *args):
+    """`read(*args)`, its `MediaError` turned into a `BadSampleError` naming the record and field."""
+    try:
+        return read(*args)
+    except MediaError as error:
+        raise BadSampleError(record.where, str(error), field_name) from error
 
 
 def prepare_examples(
@@ -244,6 +267,11 @@ class MMPeftDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens of each sample (placeholders expanded), known without loading it: for length-grouped sampling."""
+        return [len(example) for example in self.examples]
 
     def __getitem__(self, index: int) -> dict:
         example, processor = self.examples[index], self.processor

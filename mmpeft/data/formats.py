@@ -42,9 +42,13 @@ class Record:
     error: str | None = None  # why the raw sample could not even be parsed (malformed JSON line)
 
 
-def _resolve(path: str, record: "Record", field_name: str) -> str:
+def _resolve(path, record: "Record", field_name: str) -> str:
     """`path` resolved against the record's data folder. Paths that leave that folder (absolute ones, or
     `../` escapes) are refused unless `record.allow_outside`: a dataset must not read arbitrary files."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise BadSampleError(
+            record.where, f"media path must be a non-empty string without NUL: {path!r:.80}", field_name
+        )
     if path.startswith(("http://", "https://")) or record.base_dir is None:
         return path
     resolved = os.path.realpath(os.path.join(record.base_dir, path))
@@ -58,16 +62,37 @@ def _resolve(path: str, record: "Record", field_name: str) -> str:
     return resolved
 
 
+def _media_source(source, record: Record, field_name: str):
+    """`source` with any file path in it resolved (and checked) against the record's data folder."""
+    if isinstance(source, str):
+        return _resolve(source, record, field_name)
+    if isinstance(source, dict) and source.get("bytes") is None and source.get("array") is None:
+        # `{"path": ...}` as `datasets` stores undecoded media: the path is read, so it is checked too.
+        return _resolve(source.get("path"), record, field_name)
+    return source  # bytes, arrays or decoded images: no file is read
+
+
 def _media_part(kind: str, part: dict, record: Record, field_name: str) -> dict:
     source = part.get(kind)
     if source is None:
         source = part.get("path") or part.get("url")
         if source is None:
             raise BadSampleError(record.where, f"{kind} part has no 'path', 'url' or '{kind}'", field_name)
-        source = _resolve(source, record, field_name)
-    elif isinstance(source, str):
-        source = _resolve(source, record, field_name)
-    return {"type": kind, kind: source}
+    return {"type": kind, kind: _media_source(source, record, field_name)}
+
+
+def _text(value, record: Record, field_name: str) -> str:
+    """`value` if it is a string that can be tokenized: JSON can escape lone UTF-16 surrogates (`"\\ud800"`),
+    which are not Unicode text and would crash the tokenizer."""
+    if not isinstance(value, str):
+        raise BadSampleError(record.where, f"text must be a string, got {type(value).__name__}", field_name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise BadSampleError(
+            record.where, f"text holds an invalid character {value[error.start]!r} at {error.start}", field_name
+        ) from error
+    return value
 
 
 def from_messages(record: Record) -> list[dict]:
@@ -83,18 +108,16 @@ def from_messages(record: Record) -> list[dict]:
             raise BadSampleError(record.where, f"unknown or missing role {message!r:.80}", field_name)
         content = message.get("content")
         if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
+            content = [{"type": "text", "text": _text(content, record, f"{field_name}.content")}]
         if not isinstance(content, list):
             raise BadSampleError(record.where, "content must be a string or a list of parts", field_name)
         parts = []
         for index, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise BadSampleError(
-                        record.where, "text part without a string 'text'", f"{field_name}.content[{index}]"
-                    )
-                parts.append({"type": "text", "text": part["text"]})
+                parts.append(
+                    {"type": "text", "text": _text(part.get("text"), record, f"{field_name}.content[{index}]")}
+                )
             elif kind in ("image", "audio"):
                 parts.append(_media_part(kind, part, record, f"{field_name}.content[{index}]"))
             else:
@@ -113,6 +136,8 @@ def from_llava(record: Record) -> list[dict]:
     """Canonical conversation of a LLaVA `conversations` record."""
     media = {"image": _as_list(record.data.get("image")), "audio": _as_list(record.data.get("audio"))}
     used = {"image": 0, "audio": 0}
+    if not isinstance(record.data["conversations"], list):
+        raise BadSampleError(record.where, "must be a list of turns", "conversations")
     conversation = []
     for turn, message in enumerate(record.data["conversations"]):
         field_name = f"conversations[{turn}]"
@@ -122,7 +147,7 @@ def from_llava(record: Record) -> list[dict]:
                 record.where, f"needs 'from' (human/gpt/system) and a string 'value': {message!r:.80}", field_name
             )
         parts = []
-        for piece in PLACEHOLDER.split(message["value"]):
+        for piece in PLACEHOLDER.split(_text(message["value"], record, field_name)):
             if piece in ("<image>", "<audio>"):
                 kind = piece[1:-1]
                 if used[kind] >= len(media[kind]):
@@ -131,10 +156,7 @@ def from_llava(record: Record) -> list[dict]:
                         f"more <{kind}> placeholders than {kind} sources ({len(media[kind])})",
                         field_name,
                     )
-                source = media[kind][used[kind]]
-                parts.append(
-                    {"type": kind, kind: _resolve(source, record, kind) if isinstance(source, str) else source}
-                )
+                parts.append({"type": kind, kind: _media_source(media[kind][used[kind]], record, kind)})
                 used[kind] += 1
             elif piece:
                 parts.append({"type": "text", "text": piece})
@@ -163,9 +185,9 @@ def to_conversation(record: Record) -> list[dict]:
 def read_records(source: str, split: str = "train", allow_outside: bool = False) -> Iterator[Record]:
     """Records of a JSONL / JSON file, or of a `datasets` dataset (a local folder or a Hub id) split.
 
-    A malformed JSON line becomes a record whose conversion fails with the line's number, so that it is
-    counted (or raised) like any other bad sample. Media paths must stay inside the data file's folder (or
-    the dataset folder) unless `allow_outside`.
+    A malformed JSON line (or one that is not UTF-8) becomes a record whose conversion fails with the line's
+    number, so that it is counted (or raised) like any other bad sample and the other lines are still read.
+    Media paths must stay inside the data file's folder (or the dataset folder) unless `allow_outside`.
     """
     if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
         base_dir = os.path.dirname(os.path.abspath(source))
@@ -184,10 +206,21 @@ def read_records(source: str, split: str = "train", allow_outside: bool = False)
             for number, line in enumerate(file, start=1):
                 if not line.strip():
                     continue
+                where = f"{source}:{number}"
                 try:
-                    yield Record(json.loads(line.decode("utf-8")), f"{source}:{number}", base_dir, allow_outside)
-                except (ValueError, UnicodeDecodeError) as error:
-                    yield Record(None, f"{source}:{number}", base_dir, error=f"malformed JSON line: {error}")
+                    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line.
+                    data = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
+                except UnicodeDecodeError as error:
+                    yield Record(None, where, base_dir, error=f"invalid UTF-8 at byte {error.start + 1} of the line")
+                except json.JSONDecodeError as error:
+                    at = (
+                        "the end of the line" if error.pos >= len(error.doc.rstrip()) else f"character {error.pos + 1}"
+                    )
+                    yield Record(None, where, base_dir, error=f"malformed JSON line: {error.msg} at {at}")
+                except ValueError as error:  # valid JSON that Python refuses (an integer of 5000 digits)
+                    yield Record(None, where, base_dir, error=f"malformed JSON line: {error}")
+                else:
+                    yield Record(data, where, base_dir, allow_outside)
         return
     yield from _read_dataset(source, split, allow_outside)
 
@@ -200,10 +233,11 @@ def _read_dataset(source: str, split: str, allow_outside: bool) -> Iterator[Reco
         dataset = dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
     else:
         dataset = datasets.load_dataset(source, split=split)
-    # Keep audio undecoded: datasets decodes audio only through torchcodec (see DESIGN.md).
+    # Keep media undecoded: datasets decodes audio only through torchcodec (see DESIGN.md), and images without
+    # mmpeft's checks (the decompression-bomb limit is checked from the header, before decoding).
     for name, feature in dataset.features.items():
-        if isinstance(feature, datasets.Audio):
-            dataset = dataset.cast_column(name, datasets.Audio(decode=False))
+        if isinstance(feature, (datasets.Audio, datasets.Image)):
+            dataset = dataset.cast_column(name, type(feature)(decode=False))
     base_dir = source if os.path.isdir(source) else None
     for index, item in enumerate(dataset):
         yield Record(item, f"{source}[{split}][{index}]", base_dir, allow_outside)

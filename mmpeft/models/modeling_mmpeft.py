@@ -87,22 +87,26 @@ def build_vision_tower(vision_config) -> PreTrainedModel:
 
 
 def load_vision_tower(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
-    """The pretrained vision encoder of a checkpoint; for dual encoders (CLIP, SigLIP) its vision half."""
+    """The pretrained vision encoder of a checkpoint (safetensors weights only); for dual encoders (CLIP, SigLIP)
+    its vision half."""
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     config = getattr(config, "vision_config", None) or config
-    tower = AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
+    tower = AutoModel.from_pretrained(name_or_path, config=config, use_safetensors=True, **kwargs)
     return _drop_unused_parts(tower, VISION_UNUSED_PARTS.get(config.model_type, ()))
 
 
 def load_audio_tower(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
-    """The pretrained audio encoder of a checkpoint; for encoder-decoders (Whisper) its encoder half."""
+    """The pretrained audio encoder of a checkpoint (safetensors weights only); for encoder-decoders (Whisper) its
+    encoder half."""
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     config = getattr(config, "audio_config", None) or config
     encoder_class = _audio_encoder_class(config)
     if encoder_class is None:
-        return AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
+        return AutoModel.from_pretrained(name_or_path, config=config, use_safetensors=True, **kwargs)
     # Full-model checkpoints (Whisper) store the encoder under `model.encoder.`.
-    return encoder_class.from_pretrained(name_or_path, config=config, key_mapping={r"^model\.encoder\.": ""}, **kwargs)
+    return encoder_class.from_pretrained(
+        name_or_path, config=config, key_mapping={r"^model\.encoder\.": ""}, use_safetensors=True, **kwargs
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,6 +184,16 @@ class MMPeftPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *model_args, use_safetensors: bool | None = True, **kwargs
+    ):
+        """`PreTrainedModel.from_pretrained`, reading safetensors weights only unless `use_safetensors` says
+        otherwise: a `pytorch_model.bin` is a pickle, and unpickling is running code from the checkpoint."""
+        return super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, use_safetensors=use_safetensors, **kwargs
+        )
+
 
 class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
     """Vision encoder + audio encoder + causal LM, joined by projectors.
@@ -222,7 +236,7 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         chat_template: str | None = None,
         **config_kwargs,
     ):
-        """Compose a new model from pretrained parts, keeping their weights.
+        """Compose a new model from pretrained parts, keeping their weights (read from safetensors files only).
 
         Args:
             text: Hub id or directory of a causal LM (with its tokenizer).
@@ -255,7 +269,7 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             t for t in [*CHAT_SPECIAL_TOKENS, *placeholders.values()] if t and t not in tokenizer.get_vocab()
         ]
         tokenizer.add_tokens(new_tokens, special_tokens=True)
-        language_model = AutoModelForCausalLM.from_pretrained(text, dtype=dtype)
+        language_model = AutoModelForCausalLM.from_pretrained(text, dtype=dtype, use_safetensors=True)
         if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
             language_model.resize_token_embeddings(len(tokenizer))
 
@@ -437,7 +451,8 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         Args:
             input_ids: (batch, seq); each image fills `config.num_image_tokens` positions of `image_token_id`,
                 each audio clip `num_audio_tokens(...)` positions of `audio_token_id`.
-            attention_mask: (batch, seq).
+            attention_mask: (batch, seq). Padding-free batches (several samples laid end to end in one row) give
+                none, and `position_ids` (1, seq) that restart at 0 at every sample instead.
             pixel_values: (num_images, 3, height, width), images in order of their placeholders.
             input_features, feature_attention_mask: (num_clips, mel_bins, frames) and (num_clips, frames), for
                 log-mel audio encoders (Whisper).
@@ -451,6 +466,10 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if labels is not None:
+            # A loss needs no cache, and a cache would hide packed (padding-free) batches from the LM: transformers
+            # builds the per-sample attention mask from `position_ids` only when there is no cache.
+            kwargs.setdefault("use_cache", False)
         audio_inputs, audio_mask = (
             (input_features, feature_attention_mask)
             if input_features is not None

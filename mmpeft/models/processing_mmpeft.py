@@ -130,8 +130,6 @@ class MMPeftProcessor(ProcessorMixin):
             `({input_name: (num_chunks, ...), mask_name: (num_chunks, length)}, tokens_per_clip)`, where
             `input_name` is `input_features` (log-mel extractors) or `input_values` (waveform extractors).
         """
-        extractor = self.feature_extractor
-        max_samples = int(self.max_audio_seconds * extractor.sampling_rate)
         chunks, chunks_per_clip = [], []
         for index, clip in enumerate(audio):
             clip = np.asarray(clip, dtype=np.float32)
@@ -139,11 +137,45 @@ class MMPeftProcessor(ProcessorMixin):
                 raise ValueError(
                     f"audio {index}: expected a non-empty mono waveform (1-D array), got shape {clip.shape}."
                 )
-            # Equal chunks rather than full ones plus a sliver, so every chunk carries enough signal.
-            num_chunks = math.ceil(clip.size / max_samples)
+            num_chunks = self._num_audio_chunks(clip.size)
             chunks.extend(np.array_split(clip, num_chunks))
             chunks_per_clip.append(num_chunks)
+        outputs, tokens_per_chunk = self._featurize_audio_chunks(chunks)
+        tokens_per_clip, start = [], 0
+        for index, num_chunks in enumerate(chunks_per_clip):
+            tokens = tokens_per_chunk[start : start + num_chunks]
+            if min(tokens) < 1:
+                raise ValueError(f"audio {index} is too short: a chunk of it gives no audio tokens.")
+            tokens_per_clip.append(sum(tokens))
+            start += num_chunks
+        input_name = self.feature_extractor.model_input_names[0]
+        features = {input_name: outputs[input_name], AUDIO_MASK_NAMES[input_name]: outputs["attention_mask"]}
+        return features, tokens_per_clip
 
+    def num_audio_tokens_for_samples(self, num_samples: int) -> int:
+        """Tokens that `process_audio` gives a mono clip of `num_samples` samples, from the length alone.
+
+        A clip can thus be measured from its file header (`mmpeft.data.media.audio_length`) and refused as
+        too long without being decoded. The extractor's mask depends only on a chunk's length, so silence of
+        each distinct chunk length (at most two per clip) stands in for the samples.
+        """
+        if num_samples < 1:
+            raise ValueError(f"expected a non-empty audio clip, got {num_samples} samples.")
+        num_chunks = self._num_audio_chunks(num_samples)
+        size, longer = divmod(num_samples, num_chunks)  # as np.array_split: the first `longer` chunks are longer
+        lengths = [length for length, count in ((size + 1, longer), (size, num_chunks - longer)) if count]
+        _, tokens = self._featurize_audio_chunks([np.zeros(length, dtype=np.float32) for length in lengths])
+        if min(tokens) < 1:
+            raise ValueError(f"audio of {num_samples} samples is too short: a chunk of it gives no audio tokens.")
+        return tokens[0] * longer + tokens[-1] * (num_chunks - longer)
+
+    def _num_audio_chunks(self, num_samples: int) -> int:
+        # Equal chunks rather than full ones plus a sliver, so every chunk carries enough signal.
+        return math.ceil(num_samples / int(self.max_audio_seconds * self.feature_extractor.sampling_rate))
+
+    def _featurize_audio_chunks(self, chunks: list) -> tuple[dict, list[int]]:
+        """The extractor's outputs for `chunks` and the tokens each chunk becomes."""
+        extractor = self.feature_extractor
         # Fixed-window extractors (Whisper) pad to their window; others pad to the longest chunk.
         padding = "max_length" if hasattr(extractor, "n_samples") else "longest"
         outputs = extractor(
@@ -153,18 +185,7 @@ class MMPeftProcessor(ProcessorMixin):
             return_attention_mask=True,
             return_tensors="np",
         )
-        input_name = extractor.model_input_names[0]
-        mask = outputs["attention_mask"]
-        tokens_per_chunk = [self.num_audio_tokens(int(length)) for length in mask.sum(-1)]
-
-        tokens_per_clip, start = [], 0
-        for index, num_chunks in enumerate(chunks_per_clip):
-            tokens = tokens_per_chunk[start : start + num_chunks]
-            if min(tokens) < 1:
-                raise ValueError(f"audio {index} is too short: a chunk of it gives no audio tokens.")
-            tokens_per_clip.append(sum(tokens))
-            start += num_chunks
-        return {input_name: outputs[input_name], AUDIO_MASK_NAMES[input_name]: mask}, tokens_per_clip
+        return outputs, [self.num_audio_tokens(int(length)) for length in outputs["attention_mask"].sum(-1)]
 
     def _process_audio(self, audio, **kwargs):
         features, tokens_per_clip = self.process_audio(audio)

@@ -8,6 +8,7 @@ from .arguments import (
     parse_args,
 )
 from .builders import configure_wandb, load_datasets, load_model, reference_checkpoint
+from .checkpoints import checkpoint_to_resume, latest_complete_checkpoint, remove_incomplete_checkpoints
 from .quantization import describe_precision, precision_summary, quantization_config
 from .trainer import EncoderCheckpointingCallback, MMPeftTrainer, WandbRunInfoCallback, peak_memory_mb
 from .tuning import count_parameters, describe_trainable, setup_tuning
@@ -21,16 +22,19 @@ __all__ = [
     "ModelArguments",
     "TuningArguments",
     "WandbRunInfoCallback",
+    "checkpoint_to_resume",
     "configure_wandb",
     "count_parameters",
     "describe_precision",
     "describe_trainable",
     "load_datasets",
+    "latest_complete_checkpoint",
     "load_model",
     "parse_args",
     "peak_memory_mb",
     "precision_summary",
     "quantization_config",
     "reference_checkpoint",
+    "remove_incomplete_checkpoints",
     "setup_tuning",
 ]

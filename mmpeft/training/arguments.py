@@ -69,6 +69,13 @@ class DataArguments:
         default=False,
         metadata={"help": "Accept media paths outside the data file's folder (absolute paths, '../' escapes)."},
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Training batches laid end to end in one row (position ids restart per sample) instead of padded: "
+            "no compute spent on padding, same loss. Pays off when sample lengths vary; see recipes/configs/README.md."
+        },
+    )
     synthetic_train_size: int = field(default=3000, metadata={"help": "Embedded dataset: training samples."})
     synthetic_eval_size: int = field(default=300, metadata={"help": "Embedded dataset: evaluation samples."})
     data_seed_mixing: int = field(default=0, metadata={"help": "Seed of the weighted mixing of several datasets."})
@@ -212,6 +219,13 @@ class MMPeftTrainingArguments(TrainingArguments):
     generation_max_new_tokens: int = field(default=32, metadata={"help": "Longest generated answer at evaluation."})
     generation_num_samples: int | None = field(
         default=None, metadata={"help": "Evaluate generation on this many eval samples (default: all)."}
+    )
+    auto_resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from the latest complete checkpoint in output_dir if there is one (checkpoints left "
+            "half-written by a killed run are ignored and removed); start fresh otherwise."
+        },
     )
     early_stopping_patience: int | None = field(
         default=None,

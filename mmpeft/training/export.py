@@ -4,6 +4,7 @@ import os
 
 import torch
 from peft import PeftConfig, PeftModel
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as SAFE_ADAPTER_NAME
 
 from ..models import MMPeftForConditionalGeneration, MMPeftProcessor
 
@@ -14,8 +15,11 @@ def merge_adapter(
     """Merge the adapter in `adapter_dir` into its base loaded unquantized in `dtype` (QLoRA adapters too),
     and save model + processor to `output_dir`: an ordinary checkpoint that needs neither PEFT nor the base.
 
-    The fully trained modules saved with the adapter (projectors, ...) replace the base's.
+    The fully trained modules saved with the adapter (projectors, ...) replace the base's. Adapter and base are
+    read from safetensors files only.
     """
+    if not os.path.isfile(os.path.join(adapter_dir, SAFE_ADAPTER_NAME)):  # PEFT would fall back to a pickle
+        raise ValueError(f"{adapter_dir} has no {SAFE_ADAPTER_NAME}: mmpeft loads adapters from safetensors only.")
     base_path = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
     base = MMPeftForConditionalGeneration.from_pretrained(base_path, dtype=dtype)
     model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

@@ -1,6 +1,9 @@
 """`transformers.Trainer` plus what it lacks for mmpeft: generation-based eval metrics (exact-match accuracy,
-overall and per task; WER / BLEU on request), throughput and peak memory in the logs."""
+overall and per task; WER / BLEU on request), throughput, data-wait share and peak memory in the logs, checkpoints
+that are complete or ignored, length-grouped sampling from known lengths, and a check that the LM keeps the samples
+of padding-free batches apart."""
 
+import os
 import re
 import resource
 import sys
@@ -13,9 +16,13 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..data import MMPeftDataCollator, MMPeftDataset
 from ..metrics import compute_metrics
+from .checkpoints import mark_complete
 from .tuning import PART_MODULES
 
 
@@ -62,6 +69,65 @@ def peak_memory_mb() -> float:
     return kilobytes / (2**20 if sys.platform == "darwin" else 2**10)  # macOS reports bytes
 
 
+class DataClock:
+    """Wall time and tokens since this process's first training batch (so a resumed run counts only its own
+    work), and the part of that time spent waiting for the next batch."""
+
+    def __init__(self, tokens_seen: int):
+        self.start, self.tokens_at_start, self.waited = time.perf_counter(), tokens_seen, 0.0
+
+    def timed(self, iterator):
+        """`iterator`, with the time each `next()` takes added to `waited`."""
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - start
+            yield item
+
+    def rates(self, tokens_seen: int) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        return {
+            "tokens_per_second": round((tokens_seen - self.tokens_at_start) / elapsed, 1),
+            "data_wait_fraction": round(self.waited / elapsed, 4),
+        }
+
+
+def check_padding_free_attention(model, tolerance: float = 1e-2) -> None:
+    """Raise unless `model`'s language model keeps the samples of a padding-free batch apart.
+
+    transformers' LMs build the per-sample causal mask from `position_ids` when no `attention_mask` is given;
+    an LM that does not would silently let every sample attend to the ones before it in the row. Two short
+    sequences are run packed and the second alone, and their logits compared (relative to their size, so that
+    bf16 / 4-bit LMs pass). Skipped under DeepSpeed ZeRO-3, whose sharded weights only run inside the engine.
+    """
+    if is_deepspeed_zero3_enabled():
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    language_model = base.language_model
+    device = next(language_model.parameters()).device
+    vocab = language_model.get_input_embeddings().num_embeddings
+    first, second = torch.arange(3) % vocab, (torch.arange(4) * 7 + 3) % vocab
+    packed = torch.cat([first, second])[None].to(device)
+    positions = torch.cat([torch.arange(3), torch.arange(4)])[None].to(device)
+    was_training = language_model.training
+    language_model.eval()
+    with torch.no_grad():
+        together = language_model(input_ids=packed, position_ids=positions, use_cache=False).logits[0, 3:]
+        alone = language_model(input_ids=second[None].to(device), use_cache=False).logits[0]
+    language_model.train(was_training)
+    difference = ((together.float() - alone.float()).abs().max() / alone.float().abs().max().clamp_min(1e-6)).item()
+    if difference > tolerance:
+        raise ValueError(
+            f"padding_free: the language model ({type(language_model).__name__}) lets packed samples attend to each "
+            f"other (a sample's logits change by {difference:.1%} when another precedes it in the row): it does not "
+            "build its attention mask from position_ids. Train with padding_free: false."
+        )
+
+
 class MMPeftTrainer(Trainer):
     """Trainer that also generates answers for the eval set and scores them.
 
@@ -87,16 +153,34 @@ class MMPeftTrainer(Trainer):
         self.generation_examples = generation_examples or []
         self.generation_metric_names = list(generation_metrics)
         self.generation_max_new_tokens = generation_max_new_tokens
-        self._train_start = None
+        self.data_clock = None
         self.peak_memory = PeakMemory()
+        if getattr(self.data_collator, "padding_free", False):
+            check_padding_free_attention(self.model)
 
     def train(self, *args, **kwargs):
-        self._train_start = time.perf_counter()
+        self.data_clock = None
         self.peak_memory.start()
         try:
             return super().train(*args, **kwargs)
         finally:
             self.peak_memory.stop()
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer's checkpoint, marked complete once every process has written its part; older checkpoints
+        are rotated out only after that, so a kill while saving always leaves the previous complete one."""
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # the Trainer rotates before we mark
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            mark_complete(
+                os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"), self.state.global_step
+            )
+            rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer, with encoder parameters moved to groups of `encoder_learning_rate_scale` x lr."""
@@ -117,11 +201,25 @@ class MMPeftTrainer(Trainer):
         optimizer.param_groups = groups
         return optimizer
 
+    def _get_train_sampler(self, train_dataset=None):
+        """Trainer's sampler, except that `train_sampling_strategy: group_by_length` takes each sample's length from
+        its example: the Trainer would load every sample (and decode its media) to measure it."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, MMPeftDataset):
+            batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch_size, lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer's batch fetching, timed: `data_wait_fraction` in the logs is the share of training time spent
+        waiting for batches (loading, decoding, featurizing, collating)."""
+        if self.data_clock is None:
+            self.data_clock = DataClock(self.state.num_input_tokens_seen)
+        return super().get_batch_samples(self.data_clock.timed(epoch_iterator), num_batches, device)
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._train_start is not None and self.state.num_input_tokens_seen:
-            logs["tokens_per_second"] = round(
-                self.state.num_input_tokens_seen / (time.perf_counter() - self._train_start), 1
-            )
+        if self.data_clock is not None and "loss" in logs:  # training logs
+            logs.update(self.data_clock.rates(self.state.num_input_tokens_seen))
         logs["peak_memory_mb"] = round(self.peak_memory.mb, 1)
         super().log(logs, *args, **kwargs)
 
@@ -203,4 +301,10 @@ class WandbRunInfoCallback(TrainerCallback):
             wandb.run.config.update(self.info, allow_val_change=True)
 
 
-__all__ = ["EncoderCheckpointingCallback", "MMPeftTrainer", "WandbRunInfoCallback", "peak_memory_mb"]
+__all__ = [
+    "EncoderCheckpointingCallback",
+    "MMPeftTrainer",
+    "WandbRunInfoCallback",
+    "check_padding_free_attention",
+    "peak_memory_mb",
+]

@@ -1,0 +1,91 @@
+"""Checkpoints that are either complete or ignored, and finding the one to resume from.
+
+`transformers.Trainer` writes a checkpoint file by file (weights, optimizer, scheduler, RNG states, trainer
+state); a run killed in between leaves a folder that looks like a checkpoint but would resume half-restored.
+mmpeft writes a marker file after everything else (`MMPeftTrainer._save_checkpoint`), once every process has
+finished its part; a checkpoint folder without it is incomplete and never resumed from.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+
+logger = logging.getLogger(__name__)
+COMPLETE_MARKER = "mmpeft_checkpoint_complete.json"
+CHECKPOINT_FOLDER = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def mark_complete(folder: str, step: int) -> None:
+    """Write `folder`'s completion marker (atomically: written aside, then renamed into place)."""
+    path = os.path.join(folder, COMPLETE_MARKER)
+    with open(path + ".tmp", "w") as file:
+        json.dump({"global_step": step, "files": sorted(os.listdir(folder))}, file)
+    os.replace(path + ".tmp", path)
+
+
+def is_complete(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, COMPLETE_MARKER))
+
+
+def checkpoint_folders(output_dir: str) -> list[str]:
+    """`checkpoint-<step>` folders of `output_dir`, oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_FOLDER.match(name))]
+    return [
+        os.path.join(output_dir, name) for _, name in sorted(found) if os.path.isdir(os.path.join(output_dir, name))
+    ]
+
+
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    """The complete checkpoint with the highest step in `output_dir`, or None."""
+    complete = [folder for folder in checkpoint_folders(output_dir) if is_complete(folder)]
+    return complete[-1] if complete else None
+
+
+def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
+    """Delete the checkpoint folders a stopped run left half-written (logged); returns their paths."""
+    removed = [folder for folder in checkpoint_folders(output_dir) if not is_complete(folder)]
+    for folder in removed:
+        logger.warning(f"Removing incomplete checkpoint {folder} (the run was stopped while saving it).")
+        shutil.rmtree(folder)
+    return removed
+
+
+def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | None, auto_resume: bool) -> str | None:
+    """The checkpoint a run starts from: `resume_from_checkpoint` (which must be complete), else with
+    `auto_resume` the latest complete checkpoint in `output_dir` (None when there is none: a fresh start)."""
+    if resume_from_checkpoint:
+        if not os.path.isdir(resume_from_checkpoint):
+            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a folder")
+        if not is_complete(resume_from_checkpoint):
+            raise ValueError(
+                f"resume_from_checkpoint: {resume_from_checkpoint} is incomplete (no {COMPLETE_MARKER}: the run "
+                "was stopped while saving it, or it was not written by mmpeft). Resume from an earlier checkpoint, "
+                "or use auto_resume to take the latest complete one."
+            )
+        return resume_from_checkpoint
+    if not auto_resume:
+        return None
+    checkpoint = latest_complete_checkpoint(output_dir)
+    if checkpoint:
+        logger.info(f"auto_resume: resuming from {checkpoint}")
+    else:
+        logger.info(f"auto_resume: no complete checkpoint in {output_dir}, starting from scratch")
+    return checkpoint
+
+
+__all__ = [
+    "COMPLETE_MARKER",
+    "checkpoint_folders",
+    "checkpoint_to_resume",
+    "is_complete",
+    "latest_complete_checkpoint",
+    "mark_complete",
+    "remove_incomplete_checkpoints",
+]

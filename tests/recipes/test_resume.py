@@ -1,0 +1,116 @@
+"""Kill and resume: a run SIGKILLed at an arbitrary point and restarted ends bit-exact with an uninterrupted
+one (CPU, one process), and a checkpoint left half-written by a kill is never resumed from."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from recipe_helpers import REPO, TINY
+from safetensors.torch import load_file
+
+from mmpeft.training import checkpoint_to_resume, latest_complete_checkpoint
+from mmpeft.training.checkpoints import COMPLETE_MARKER
+
+
+RECIPE = os.path.join(REPO, "recipes", "finetune.py")
+KILL_WHILE_SAVING = os.path.join(REPO, "tests", "kill_while_saving.py")
+SETTINGS = {"--max_steps": "24", "--save_strategy": "steps", "--save_steps": "4", "--save_total_limit": "2"}
+ARGS = [
+    *[arg for pair in zip(TINY[::2], TINY[1::2]) if pair[0] not in SETTINGS for arg in pair],
+    *[arg for pair in SETTINGS.items() for arg in pair],
+    *["--learning_rate", "3e-3", "--report_to", "none", "--auto_resume", "true"],
+]
+TIMEOUT = 300
+
+
+def command(output, script=RECIPE):
+    return [sys.executable, script, *ARGS, "--output_dir", str(output)]
+
+
+def run(output, script=RECIPE, **env):
+    result = subprocess.run(
+        command(output, script), env={**os.environ, **env}, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    return result
+
+
+def final_state(output) -> tuple[dict, dict]:
+    """The saved adapter weights and the eval metrics (timings left out)."""
+    metrics = json.loads((output / "eval_results.json").read_text())
+    timings = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "peak_memory_mb")
+    return load_file(output / "adapter_model.safetensors"), {k: v for k, v in metrics.items() if k not in timings}
+
+
+def assert_same_final_state(output, reference):
+    weights, metrics = final_state(output)
+    reference_weights, reference_metrics = final_state(reference)
+    assert weights.keys() == reference_weights.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, reference_weights[name]), name
+    assert metrics == reference_metrics and "eval_loss" in metrics
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    output = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    result = run(output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+def test_sigkill_at_an_arbitrary_moment_then_auto_resume_is_bit_exact(tmp_path, uninterrupted):
+    output = tmp_path / "killed"
+    # Killed at a random step (its log line read as it is printed), at a random moment inside the next step or the
+    # save after it: anywhere from the second checkpoint on, always before the run's end.
+    kill_after = random.randint(5, 20)
+    process = subprocess.Popen(
+        command(output), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    logged = 0
+    for line in process.stdout:  # the Trainer prints each step's logs (logging_steps 1, no progress bar)
+        logged += "'loss'" in line
+        if logged == kill_after:
+            time.sleep(random.uniform(0.0, 0.05))
+            process.send_signal(signal.SIGKILL)
+            break
+    assert process.wait(timeout=TIMEOUT) == -signal.SIGKILL, f"the run ended before step {kill_after}"
+    assert not (output / "eval_results.json").exists(), f"killed after step {kill_after}: too late"
+
+    resumed_from = latest_complete_checkpoint(str(output))
+    result = run(output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"auto_resume: resuming from {resumed_from}" in result.stderr
+    assert_same_final_state(output, uninterrupted)
+
+
+def test_a_checkpoint_half_written_by_a_kill_is_never_resumed_from(tmp_path, uninterrupted):
+    output = tmp_path / "killed-while-saving"
+    result = run(output, KILL_WHILE_SAVING, KILL_AT_STEP="12")
+    assert result.returncode == -signal.SIGKILL
+    half = output / "checkpoint-12"
+    assert (half / "adapter_model.safetensors").exists() and not (half / "rng_state.pth").exists()
+    assert not (half / COMPLETE_MARKER).exists()
+    assert latest_complete_checkpoint(str(output)) == str(output / "checkpoint-8")
+    with pytest.raises(ValueError, match="checkpoint-12 is incomplete"):
+        checkpoint_to_resume(str(output), str(half), auto_resume=False)
+
+    result = run(output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"auto_resume: resuming from {output / 'checkpoint-8'}" in result.stderr
+    assert "Removing incomplete checkpoint" in result.stderr
+    checkpoints = sorted(output.glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-20", "checkpoint-24"]
+    assert all((c / COMPLETE_MARKER).exists() for c in checkpoints)
+    assert_same_final_state(output, uninterrupted)
+
+
+def test_auto_resume_without_checkpoints_starts_fresh(tmp_path):
+    assert checkpoint_to_resume(str(tmp_path / "new"), None, auto_resume=True) is None
+    assert checkpoint_to_resume(str(tmp_path), None, auto_resume=False) is None
