@@ -1,7 +1,8 @@
 """mmpeft against what a user would pick instead: training samples/s and peak memory on the same data.
 
-    python recipes/benchmark.py                          # ~5 minutes on 2 CPU cores
-    python recipes/benchmark.py --steps 40 --repeats 2   # steadier numbers on a busy machine
+    python recipes/benchmark.py                          # ~7 minutes on 2 CPU cores (each run twice, best kept)
+    python recipes/benchmark.py --lm-vocab 0             # the LM's vocabulary cut to the tokenizer's 512
+    python recipes/benchmark.py --peak-tflops 989        # on a GPU: adds MFU against that peak (H100 bf16 dense)
     python recipes/benchmark.py --quick                  # seconds: tiniest sizes, 2 steps (what the test runs)
 
 Two pairs of matched models, each trained with a real `transformers.Trainer` and PEFT LoRA:
@@ -21,13 +22,18 @@ image processor / feature extractor run per sample as mmpeft's are, and a plain 
 Text lengths are skewed (most answers short, a fifth long), the case padding-free batches are for: a third
 run per pair trains mmpeft padding-free on the same data.
 
+Where mmpeft's time goes less: `MMPeftTrainer` computes logits only at the positions that predict an answer token
+(the baselines at every position, which with a 32,000-word vocabulary is most of a step), and padding-free batches
+spend nothing on padding and attend within each sample only.
+
 Each run is its own process (`--run NAME`), so its peak memory is its own: peak resident set size on CPU
 (every run imports the same libraries, so their share is common to all), accelerator memory on a GPU.
 Samples/s counts whole training steps (data loading, forward, backward, optimizer step) after warm-up steps.
+Model FLOP/s count 4 N per token (N: the base model's parameters; tokens: the LM's, padding excluded), the same N
+and tokens on both sides of a pair.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -45,16 +51,18 @@ from benchmark_methods import machine_description, run_worker
 # Settings
 # ---------------------------------------------------------------------------------------------------------
 
-# The LM dominates the compute, as in real use; the towers are small and frozen.
+# The LM dominates the compute, as in real use; the towers are small and frozen. The LM's vocabulary has Llama 2's
+# 32,000 entries (the tokenizer uses the first 512): a real LM's output layer is a large share of its
+# compute and of a step's activations, and matters to how fast a framework trains it.
 SIZES = {
     "default": dict(
-        lm_hidden=256, lm_intermediate=768, lm_layers=4, lm_heads=4, lm_kv_heads=2,
+        lm_hidden=256, lm_intermediate=768, lm_layers=4, lm_heads=4, lm_kv_heads=2, lm_vocab=32000,
         tower_hidden=128, tower_intermediate=512, tower_layers=2, tower_heads=4,
         image_size=32, patch_size=4,  # 8 x 8 patches -> 64 image tokens
         mel_bins=80, audio_window_seconds=4,  # 400 mel frames -> 200 encoder frames -> up to 100 audio tokens
     ),
     "quick": dict(
-        lm_hidden=32, lm_intermediate=64, lm_layers=1, lm_heads=2, lm_kv_heads=1,
+        lm_hidden=32, lm_intermediate=64, lm_layers=1, lm_heads=2, lm_kv_heads=1, lm_vocab=0,
         tower_hidden=16, tower_intermediate=32, tower_layers=1, tower_heads=2,
         image_size=16, patch_size=4,
         mel_bins=16, audio_window_seconds=1,
@@ -101,13 +109,6 @@ PARTS = {
 }
 
 
-def padding_free_supported() -> bool:
-    """Whether `MMPeftDataCollator` has the `padding_free` option yet."""
-    from mmpeft.data import MMPeftDataCollator
-
-    return "padding_free" in {field.name for field in dataclasses.fields(MMPeftDataCollator)}
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Models: the same sub-configs on both sides of a pair
 # ---------------------------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def text_config(family: str, sizes: dict, tokenizer):
 
     config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
     return config_class(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), sizes["lm_vocab"]),
         hidden_size=sizes["lm_hidden"],
         intermediate_size=sizes["lm_intermediate"],
         num_hidden_layers=sizes["lm_layers"],
@@ -378,6 +379,9 @@ class CountingCollator:
     def __init__(self, collate):
         self.collate, self.real, self.positions = collate, 0, 0
 
+    def __getattr__(self, name):  # the wrapped collator's settings (MMPeftTrainer reads `padding_free`)
+        return getattr(self.collate, name)
+
     def __call__(self, items):
         batch = self.collate(items)
         self.positions += batch["input_ids"].numel()
@@ -454,7 +458,7 @@ def run(name: str, args) -> dict:
     torch.set_num_threads(args.threads)
     pair, framework, padding_free = RUNS[name]
     scale = "quick" if args.quick else "default"
-    sizes = SIZES[scale]
+    sizes = SIZES[scale] if args.lm_vocab is None else {**SIZES[scale], "lm_vocab": args.lm_vocab}
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     # Data: tokenized once, up front, by mmpeft (both sides get these token ids).
@@ -522,11 +526,15 @@ def run(name: str, args) -> dict:
     seconds = ends[-1] - ends[0]
     steps = len(ends) - 1
     lengths = [len(example) for example in examples]
+    # Model FLOPs as usually counted for LoRA: 4 N per token (forward 2N, backward through the frozen weights 2N),
+    # with N the base model's parameters and the tokens those the LM reads (padding excluded).
+    tokens_per_second = counter.real / (args.warmup + args.steps) * steps / seconds
     return {
         "run": name,
         "pair": pair,
         "framework": framework,
         "padding_free": padding_free,
+        "vocab_size": config.text_config.vocab_size,
         "samples_per_second": steps * args.batch_size / seconds,
         "ms_per_step": 1000 * statistics.median(b - a for a, b in zip(ends, ends[1:])),
         "peak_memory_mb": peak_memory_mb(),
@@ -544,6 +552,7 @@ def run(name: str, args) -> dict:
             "max": max(lengths),
         },
         "tokens": {"real": counter.real, "positions": counter.positions},
+        "model_flops_per_second": 4 * (parts["lm"] + parts["tower"] + parts["projector"]) * tokens_per_second,
     }
 
 
@@ -555,12 +564,14 @@ def run(name: str, args) -> dict:
 def report(results: dict, args) -> tuple[str, list[dict]]:
     sizes = SIZES["quick" if args.quick else "default"]
     data = DATA["quick" if args.quick else "default"]
-    done = [r for r in results.values() if "skipped" not in r]
+    done = list(results.values())
+    vocab = done[0]["vocab_size"] if done else "-"
     lines = [
         f"Machine: {machine_description()}; torch threads {args.threads}; batch "
         f"{args.batch_size}; {args.steps} timed steps after {args.warmup} warm-up steps; best of {args.repeats}",
         f"LM: {sizes['lm_hidden']} x {sizes['lm_layers']} layers (MLP {sizes['lm_intermediate']}, "
-        f"{sizes['lm_heads']} heads / {sizes['lm_kv_heads']} KV), Llama for image, Qwen2 for audio. Towers "
+        f"{sizes['lm_heads']} heads / {sizes['lm_kv_heads']} KV, vocabulary {vocab}), "
+        "Llama for image, Qwen2 for audio. Towers "
         f"{sizes['tower_hidden']} x {sizes['tower_layers']} layers: CLIP {sizes['image_size']} px / patch "
         f"{sizes['patch_size']}; Whisper encoder {sizes['mel_bins']} mel bins, "
         f"{sizes['audio_window_seconds']} s window.",
@@ -569,17 +580,19 @@ def report(results: dict, args) -> tuple[str, list[dict]]:
         f"{data['long_words'][1]} words. LoRA r {LORA['r']}, alpha {LORA['alpha']} on the LM's attention + "
         "MLP linears; projector trained fully; towers frozen; AdamW; fp32.",
         "",
-        "| run | samples/s | ms/step (median) | peak memory (above imports) | tokens/step real / padded "
+        "| run | samples/s | ms/step (median) | model GFLOP/s (4N/token)"
+        + (" | MFU" if args.peak_tflops else "")
+        + " | peak memory (above imports) | tokens/step real / padded "
         "| media tokens | LM / tower / projector params | trainable | LoRA layers |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.peak_tflops else ""),
     ]
     for name, r in results.items():
-        if "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped']} |  |  |  |  |  |  |  |")
-            continue
         p, steps = r["parameters"], args.warmup + args.steps
+        flops = r["model_flops_per_second"]
+        mfu = f" | {flops / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else ""
         lines.append(
-            f"| {name} | {r['samples_per_second']:.1f} | {r['ms_per_step']:.0f} | {r['peak_memory_mb']:.0f} MB "
+            f"| {name} | {r['samples_per_second']:.1f} | {r['ms_per_step']:.0f} | {flops / 1e9:.1f}{mfu} "
+            f"| {r['peak_memory_mb']:.0f} MB "
             f"(+{r['peak_memory_mb'] - r['imports_memory_mb']:.0f}) "
             f"| {r['tokens']['real'] / steps:.0f} / {r['tokens']['positions'] / steps:.0f} | {r['media_tokens']:,} "
             f"| {p['lm']:,} / {p['tower']:,} / {p['projector']:,} | {p['trainable']:,} | {r['lora_layers']} |"
@@ -592,9 +605,6 @@ def report(results: dict, args) -> tuple[str, list[dict]]:
     ]
     comparisons = []
     for label, candidate, reference, target in COMPARISONS:
-        if "skipped" in results[candidate] or "skipped" in results[reference]:
-            lines.append(f"| {label} | - | - | samples/s >= {target} | SKIPPED (a run was skipped) |")
-            continue
         c, r = results[candidate], results[reference]
         speed = c["samples_per_second"] / r["samples_per_second"]
         memory = r["peak_memory_mb"] / c["peak_memory_mb"]
@@ -625,9 +635,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --quick: 1)")
     parser.add_argument("--batch-size", type=int, default=None, help="samples per step (default 8; --quick: 4)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per run")
-    parser.add_argument("--repeats", type=int, default=1, help="run each configuration this many times, keep the best")
+    parser.add_argument("--repeats", type=int, default=2, help="run each configuration this many times, keep the best")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (>1 only when timings do not matter)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lm-vocab", type=int, default=None, help="the LM's vocabulary size (default 32000; 0: the tokenizer's 512)"
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s at the run's precision: adds MFU"
+    )
     parser.add_argument("--quick", action="store_true", help="tiniest sizes and 2 steps: checks that it all runs")
     parser.add_argument("--output", default="outputs/benchmark.json", help="where the results go (JSON)")
     parser.add_argument("--run", choices=list(RUNS), help=argparse.SUPPRESS)
@@ -644,7 +660,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
     common += ["--threads", str(args.threads), "--seed", str(args.seed), *(["--quick"] if args.quick else [])]
-    names = [name for name, (_, _, padding_free) in RUNS.items() if not padding_free or padding_free_supported()]
+    common += ["--lm-vocab", str(args.lm_vocab)] if args.lm_vocab is not None else []
+    names = list(RUNS)
     # Repeats alternate between configurations, so that a slow spell of a shared machine hits all of them.
     commands = [[sys.executable, os.path.abspath(__file__), "--run", name, *common] for name in names] * args.repeats
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -652,9 +669,6 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name in RUNS:
         runs = [output for output in outputs if output["run"] == name]
-        if not runs:
-            results[name] = {"run": name, "skipped": "MMPeftDataCollator has no padding_free option yet"}
-            continue
         best = max(runs, key=lambda r: r["samples_per_second"])
         results[name] = {**best, "peak_memory_mb": min(r["peak_memory_mb"] for r in runs)}
 

@@ -150,3 +150,30 @@ def media(seed=0, num_images=1, audio_seconds=(0.6,)):
     images = [Image.fromarray(rng.integers(0, 256, (40 + 3 * i, 50, 3), dtype=np.uint8)) for i in range(num_images)]
     audio = [(0.1 * rng.standard_normal(int(s * SAMPLING_RATE))).astype(np.float32) for s in audio_seconds]
     return images, audio
+
+
+def mixed_records(count: int) -> list:
+    """`count` records of very different lengths: image only, audio only or both; short and long text."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mmpeft.data import Record
+
+    rng = np.random.default_rng(0)
+    records = []
+    for index in range(count):
+        content = []
+        if index % 3 != 1:
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(buffer, "PNG")
+            content.append({"type": "image", "image": buffer.getvalue()})  # encoded bytes, as `datasets` stores them
+        if index % 3 != 0:
+            clip = (0.1 * rng.standard_normal(int((0.3 + 0.2 * (index % 3)) * SAMPLING_RATE))).astype(np.float32)
+            content.append({"type": "audio", "audio": {"array": clip, "sampling_rate": SAMPLING_RATE}})
+        content.append({"type": "text", "text": "what is" + " this" * (3 * index)})
+        answer = "a thing " * (1 + 5 * index)
+        messages = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+        records.append(Record(data={"messages": messages}, where=f"sample {index}"))
+    return records

@@ -1,7 +1,7 @@
 """`transformers.Trainer` plus what it lacks for mmpeft: generation-based eval metrics (exact-match accuracy,
 overall and per task; WER / BLEU on request), throughput, data-wait share and peak memory in the logs, checkpoints
-that are complete or ignored, length-grouped sampling from known lengths, and a check that the LM keeps the samples
-of padding-free batches apart."""
+that are complete or ignored, length-grouped sampling from known lengths, logits only where a loss needs them, and
+packed attention for padding-free batches (`mmpeft.training.packing`)."""
 
 import os
 import re
@@ -12,17 +12,19 @@ import time
 
 import psutil
 import torch
+import torch.nn.functional as F
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..data import MMPeftDataCollator, MMPeftDataset
+from ..data.dataset import IGNORE_INDEX
 from ..metrics import compute_metrics
 from .checkpoints import mark_complete
+from .packing import check_padding_free_attention, use_packed_attention
 from .tuning import PART_MODULES
 
 
@@ -96,36 +98,17 @@ class DataClock:
         }
 
 
-def check_padding_free_attention(model, tolerance: float = 1e-2) -> None:
-    """Raise unless `model`'s language model keeps the samples of a padding-free batch apart.
+def logits_for_labels_only(inputs: dict) -> dict:
+    """`inputs` for a training forward whose output layer runs only at positions that predict a label.
 
-    transformers' LMs build the per-sample causal mask from `position_ids` when no `attention_mask` is given;
-    an LM that does not would silently let every sample attend to the ones before it in the row. Two short
-    sequences are run packed and the second alone, and their logits compared (relative to their size, so that
-    bf16 / 4-bit LMs pass). Skipped under DeepSpeed ZeRO-3, whose sharded weights only run inside the engine.
+    With assistant-only loss most positions (prompt, image and audio tokens, padding) carry no label, yet an LM
+    computes logits -- (tokens, vocabulary), the largest activation of a step -- everywhere. transformers' LMs take
+    `logits_to_keep` (here a boolean mask: the positions whose next token is a label) and, for their loss, the
+    matching `shift_labels`: the loss is the same, the output layer's work and memory shrink to the answers.
     """
-    if is_deepspeed_zero3_enabled():
-        return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    language_model = base.language_model
-    device = next(language_model.parameters()).device
-    vocab = language_model.get_input_embeddings().num_embeddings
-    first, second = torch.arange(3) % vocab, (torch.arange(4) * 7 + 3) % vocab
-    packed = torch.cat([first, second])[None].to(device)
-    positions = torch.cat([torch.arange(3), torch.arange(4)])[None].to(device)
-    was_training = language_model.training
-    language_model.eval()
-    with torch.no_grad():
-        together = language_model(input_ids=packed, position_ids=positions, use_cache=False).logits[0, 3:]
-        alone = language_model(input_ids=second[None].to(device), use_cache=False).logits[0]
-    language_model.train(was_training)
-    difference = ((together.float() - alone.float()).abs().max() / alone.float().abs().max().clamp_min(1e-6)).item()
-    if difference > tolerance:
-        raise ValueError(
-            f"padding_free: the language model ({type(language_model).__name__}) lets packed samples attend to each "
-            f"other (a sample's logits change by {difference:.1%} when another precedes it in the row): it does not "
-            "build its attention mask from position_ids. Train with padding_free: false."
-        )
+    shift_labels = F.pad(inputs["labels"][..., 1:], (0, 1), value=IGNORE_INDEX)
+    keep = shift_labels != IGNORE_INDEX
+    return {**inputs, "logits_to_keep": keep, "shift_labels": shift_labels[keep]}
 
 
 class MMPeftTrainer(Trainer):
@@ -156,6 +139,7 @@ class MMPeftTrainer(Trainer):
         self.data_clock = None
         self.peak_memory = PeakMemory()
         if getattr(self.data_collator, "padding_free", False):
+            use_packed_attention(self.model)
             check_padding_free_attention(self.model)
 
     def train(self, *args, **kwargs):
@@ -200,6 +184,14 @@ class MMPeftTrainer(Trainer):
                     groups.append({**options, "params": params, "lr": options["lr"] * scale})
         optimizer.param_groups = groups
         return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss, with logits computed only where a label is predicted (`logits_for_labels_only`): the
+        returned outputs' logits are (labelled positions, vocabulary). Label smoothing and custom loss functions,
+        which read the logits themselves, get them everywhere."""
+        if "labels" in inputs and self.label_smoother is None and self.compute_loss_func is None:
+            inputs = logits_for_labels_only(inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _get_train_sampler(self, train_dataset=None):
         """Trainer's sampler, except that `train_sampling_strategy: group_by_length` takes each sample's length from
@@ -305,6 +297,6 @@ __all__ = [
     "EncoderCheckpointingCallback",
     "MMPeftTrainer",
     "WandbRunInfoCallback",
-    "check_padding_free_attention",
+    "logits_for_labels_only",
     "peak_memory_mb",
 ]

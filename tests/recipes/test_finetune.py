@@ -245,3 +245,21 @@ def test_gradient_checkpointing_lm_and_optionally_encoders(encoders, tmp_path):
     assert all(layer.gradient_checkpointing == encoders for layer in tower_layers)
     # Recomputing activations changes nothing in what is learnt.
     assert losses(checkpointed) == pytest.approx(losses(plain), rel=1e-5)
+
+
+def test_padding_free_batches_and_loader_workers_train_as_the_default(tmp_path):
+    # No dropout: padded and flattened batches draw different dropout masks, the only thing that may differ.
+    base = [*TINY, "--max_steps", "4", "--report_to", "none", "--lora_dropout", "0"]
+    padded = finetune.main([*base, "--output_dir", str(tmp_path / "padded")])
+    packed = finetune.main(
+        [*base, "--output_dir", str(tmp_path / "packed"), "--padding_free", "true", "--dataloader_num_workers", "2"]
+    )
+    assert packed.data_collator.padding_free and packed.args.dataloader_num_workers == 2
+    assert losses(packed) == pytest.approx(losses(padded), rel=1e-4)
+    results = [json.loads((tmp_path / run / "eval_results.json").read_text()) for run in ("padded", "packed")]
+    assert results[1]["eval_loss"] == pytest.approx(results[0]["eval_loss"], rel=1e-4)
+    assert results[1]["eval_accuracy"] == results[0]["eval_accuracy"]
+    # The share of training time spent waiting for batches is measured and reported.
+    summary = json.loads((tmp_path / "packed" / "run_summary.json").read_text())
+    assert 0 < summary["data_wait_fraction"] < 1
+    assert all(0 < entry["data_wait_fraction"] < 1 for entry in packed.state.log_history if "loss" in entry)
