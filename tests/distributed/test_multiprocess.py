@@ -103,6 +103,16 @@ def test_ddp_two_processes_mixed_modalities(tmp_path):
         assert torch.equal(saved[name], tensor), name
 
 
+def test_ddp_padding_free_packs_each_ranks_samples(tmp_path):
+    # Two samples per rank, laid end to end: packed attention and the padding-free check run on every rank.
+    result, _ = launch(
+        "cpu_2proc.yaml", tmp_path / "ddp-packed", "--padding_free", "true", "--per_device_train_batch_size", "2",
+        env={"ACCELERATE_USE_CPU": "true"},
+    )  # fmt: skip
+    losses = [json.loads(line.replace("'", '"'))["loss"] for line in result.stdout.splitlines() if "'loss'" in line]
+    assert len(losses) == 8 and all(0 < float(loss) < 20 for loss in losses)
+
+
 def test_deepspeed_zero2_lora_mixed_modalities(tmp_path):
     pytest.importorskip("deepspeed")
     result, weights = launch("deepspeed_zero2.yaml", tmp_path / "zero2")
