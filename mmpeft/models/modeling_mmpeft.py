@@ -452,7 +452,8 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             input_ids: (batch, seq); each image fills `config.num_image_tokens` positions of `image_token_id`,
                 each audio clip `num_audio_tokens(...)` positions of `audio_token_id`.
             attention_mask: (batch, seq). Padding-free batches (several samples laid end to end in one row) give
-                none, and `position_ids` (1, seq) that restart at 0 at every sample instead.
+                none, and `position_ids` (1, seq) that restart at 0 at every sample instead (with `labels`, or
+                with `use_cache=False`: a cache hides the packing from the LM).
             pixel_values: (num_images, 3, height, width), images in order of their placeholders.
             input_features, feature_attention_mask: (num_clips, mel_bins, frames) and (num_clips, frames), for
                 log-mel audio encoders (Whisper).

@@ -9,6 +9,7 @@ from .arguments import (
 )
 from .builders import configure_wandb, load_datasets, load_model, reference_checkpoint
 from .checkpoints import checkpoint_to_resume, latest_complete_checkpoint, remove_incomplete_checkpoints
+from .packing import check_padding_free_attention, use_packed_attention
 from .quantization import describe_precision, precision_summary, quantization_config
 from .trainer import EncoderCheckpointingCallback, MMPeftTrainer, WandbRunInfoCallback, peak_memory_mb
 from .tuning import count_parameters, describe_trainable, setup_tuning
@@ -22,6 +23,7 @@ __all__ = [
     "ModelArguments",
     "TuningArguments",
     "WandbRunInfoCallback",
+    "check_padding_free_attention",
     "checkpoint_to_resume",
     "configure_wandb",
     "count_parameters",
@@ -37,4 +39,5 @@ __all__ = [
     "reference_checkpoint",
     "remove_incomplete_checkpoints",
     "setup_tuning",
+    "use_packed_attention",
 ]
