@@ -6,6 +6,7 @@ Marked `multiprocess` (each launch costs ~10-40 s); `.ci/run` runs them with the
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -111,6 +112,19 @@ def test_ddp_padding_free_packs_each_ranks_samples(tmp_path):
     )  # fmt: skip
     losses = [json.loads(line.replace("'", '"'))["loss"] for line in result.stdout.splitlines() if "'loss'" in line]
     assert len(losses) == 8 and all(0 < float(loss) < 20 for loss in losses)
+
+
+def test_ddp_resume_from_a_checkpoint_is_bit_exact(tmp_path):
+    # Two processes: an 8-step run saving at step 4, and a run resumed from that checkpoint in another folder.
+    env, saving = {"ACCELERATE_USE_CPU": "true"}, ["--save_strategy", "steps", "--save_steps", "4"]
+    _, uninterrupted = launch("cpu_2proc.yaml", tmp_path / "whole", *saving, env=env)
+    checkpoint = tmp_path / "resumed" / "checkpoint-4"
+    shutil.copytree(tmp_path / "whole" / "checkpoint-4", checkpoint)
+    result, resumed = launch("cpu_2proc.yaml", tmp_path / "resumed", *saving, "--auto_resume", "true", env=env)
+    assert f"auto_resume: resuming from {checkpoint}" in result.stderr
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in resumed.items():
+        assert torch.equal(tensor, uninterrupted[name]), name
 
 
 def test_deepspeed_zero2_lora_mixed_modalities(tmp_path):
