@@ -104,8 +104,10 @@ def tokenize_conversation(processor, conversation: list[dict]) -> tuple[list[int
     for turn, message in enumerate(view):
         if message["role"] != "assistant":
             continue
-        start, end = len(encode(view[:turn], add_generation_prompt=True)), len(encode(view[: turn + 1]))
-        if input_ids[:end] != encode(view[: turn + 1]) or start > end:
+        # Each prefix rendered once (the whole conversation is one): rendering is most of a sample's preparation.
+        prefix = input_ids if turn == len(view) - 1 else encode(view[: turn + 1])
+        start, end = len(encode(view[:turn], add_generation_prompt=True)), len(prefix)
+        if input_ids[:end] != prefix or start > end:
             raise ValueError("the chat template does not render a conversation prefix as a prefix of the whole")
         labels[start:end] = input_ids[start:end]
         prompt_length = start

@@ -34,6 +34,14 @@ DEFAULT_CHAT_TEMPLATE = (
 # Name of the padding mask the model takes next to each kind of audio input.
 AUDIO_MASK_NAMES = {"input_features": "feature_attention_mask", "input_values": "input_values_mask"}
 
+# Valid positions in the padding mask a feature extractor returns for a chunk of `n` samples, by extractor class:
+# what counting a clip's tokens needs, without computing its features (log-mel featurizing a chunk only to count
+# its frames was most of the cost of preparing a dataset). Extractors not listed here are asked with silence.
+AUDIO_MASK_LENGTHS = {
+    "WhisperFeatureExtractor": lambda extractor, n: -(-n // extractor.hop_length),  # its mask is taken every hop
+    "Wav2Vec2FeatureExtractor": lambda extractor, n: n,  # one position per sample
+}
+
 
 class MMPeftProcessor(ProcessorMixin):
     r"""
@@ -156,18 +164,26 @@ class MMPeftProcessor(ProcessorMixin):
         """Tokens that `process_audio` gives a mono clip of `num_samples` samples, from the length alone.
 
         A clip can thus be measured from its file header (`mmpeft.data.media.audio_length`) and refused as
-        too long without being decoded. The extractor's mask depends only on a chunk's length, so silence of
-        each distinct chunk length (at most two per clip) stands in for the samples.
+        too long without being decoded. The extractor's mask depends only on a chunk's length: it is computed
+        from the length (`AUDIO_MASK_LENGTHS`), or for other extractors from silence of that length.
         """
         if num_samples < 1:
             raise ValueError(f"expected a non-empty audio clip, got {num_samples} samples.")
         num_chunks = self._num_audio_chunks(num_samples)
         size, longer = divmod(num_samples, num_chunks)  # as np.array_split: the first `longer` chunks are longer
-        lengths = [length for length, count in ((size + 1, longer), (size, num_chunks - longer)) if count]
-        _, tokens = self._featurize_audio_chunks([np.zeros(length, dtype=np.float32) for length in lengths])
-        if min(tokens) < 1:
+        counts = {length: count for length, count in ((size + 1, longer), (size, num_chunks - longer)) if count}
+        tokens = {length: self.num_audio_tokens(self._audio_mask_length(length)) for length in counts}
+        if min(tokens.values()) < 1:
             raise ValueError(f"audio of {num_samples} samples is too short: a chunk of it gives no audio tokens.")
-        return tokens[0] * longer + tokens[-1] * (num_chunks - longer)
+        return sum(tokens[length] * count for length, count in counts.items())
+
+    def _audio_mask_length(self, num_samples: int) -> int:
+        """Valid positions of the extractor's padding mask for one chunk of `num_samples` samples."""
+        known = AUDIO_MASK_LENGTHS.get(type(self.feature_extractor).__name__)
+        if known is not None:
+            return known(self.feature_extractor, num_samples)
+        outputs, _ = self._featurize_audio_chunks([np.zeros(num_samples, dtype=np.float32)])
+        return int(outputs["attention_mask"].sum())
 
     def _num_audio_chunks(self, num_samples: int) -> int:
         # Equal chunks rather than full ones plus a sliver, so every chunk carries enough signal.

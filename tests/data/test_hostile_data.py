@@ -368,7 +368,7 @@ def test_block_decoding_equals_resampling_the_whole_clip(rate, block_samples, mo
 def test_audio_tokens_from_a_length_equal_those_of_the_samples(audio):
     processor = build("llama", None, audio, audio_frames_per_token=2)[1]
     rng = np.random.default_rng(0)
-    for length in [1, 399, 400, 401, 15999, 16000, 16001, 32001, 50000]:
+    for length in [1, 159, 160, 161, 399, 400, 401, 481, 15999, 16000, 16001, 32001, 50000]:
         clip = rng.standard_normal(length).astype(np.float32)
         try:
             expected = processor.process_audio([clip])[1][0]
