@@ -71,7 +71,7 @@ def test_reference_generates_from_image_audio_text(reference_dir):
 
 
 def test_random_towers_keep_what_the_synthetic_questions_ask():
-    """A frozen random tower must still carry the information the embedded task asks about (DESIGN.md §8):
+    """A frozen random tower must still carry the information the embedded task asks about:
     the pitch of a tone and the shape in an image, recoverable by a linear probe on the features."""
     import numpy as np
 

@@ -9,7 +9,7 @@ recipe reads it exactly as it reads a user's dataset. Question families (the `ta
 - `text`: counting without media (`What number comes after two?` -> `three`), mixed in as text-only samples.
 
 Each question is answerable from what a tiny random-init tower still sees: colour and coarse layout of an
-image, energy over time and frequency band of a sound (see DESIGN.md section 8).
+image, energy over time and frequency band of a sound (fine visual detail at random positions is not).
 """
 
 import json
