@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from benchmark_methods import machine_description, run_worker
 
+from mmpeft.data import load_audio, load_image
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Settings
@@ -321,12 +323,13 @@ class BaselineDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         input_ids, labels, images, audio = self.items[index]
         item = {"input_ids": input_ids, "labels": labels}
-        if images:
-            item["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        if images:  # decoded as mmpeft decodes them (its rows hold encoded media), so both pay the same
+            pixels = self.processor.image_processor([load_image(image) for image in images], return_tensors="pt")
+            item["pixel_values"] = pixels["pixel_values"]
         if audio:
             extractor = self.processor.feature_extractor
             features = extractor(
-                [clip["array"] for clip in audio],
+                [load_audio(clip, extractor.sampling_rate) for clip in audio],
                 sampling_rate=extractor.sampling_rate,
                 padding="max_length",  # as Qwen2AudioProcessor does
                 return_attention_mask=True,
@@ -360,9 +363,9 @@ def tokens_per_item_of(processor, examples, pair: str) -> list[int]:
     counts = []
     for example in examples:
         if pair == "image":
-            inputs = processor(text=token, images=example.images, return_tensors="pt")
+            inputs = processor(text=token, images=[load_image(image) for image in example.images], return_tensors="pt")
         else:
-            clips = [clip["array"] for clip in example.audio]
+            clips = [load_audio(clip, SAMPLING_RATE) for clip in example.audio]
             inputs = processor(text=token, audio=clips, sampling_rate=SAMPLING_RATE, return_tensors="pt")
         counts.append(int((inputs["input_ids"] == token_id).sum()))
     return counts
@@ -390,10 +393,10 @@ class CountingCollator:
         return batch
 
 
-def setup_mmpeft(framework: str, config, processor, examples, sizes: dict, padding_free: bool):
+def setup_mmpeft(framework: str, config, processor, dataset, sizes: dict, padding_free: bool):
     """mmpeft as its recipe trains: `setup_tuning`, `MMPeftDataset`, `MMPeftDataCollator`, `MMPeftTrainer`."""
     from mmpeft import MMPeftForConditionalGeneration
-    from mmpeft.data import MMPeftDataCollator, MMPeftDataset
+    from mmpeft.data import MMPeftDataCollator
     from mmpeft.training import MMPeftTrainer, TuningArguments, setup_tuning
 
     model = MMPeftForConditionalGeneration(config)
@@ -409,8 +412,8 @@ def setup_mmpeft(framework: str, config, processor, examples, sizes: dict, paddi
     options = {"padding_free": True} if padding_free else {}
     collate = MMPeftDataCollator(processor.tokenizer.pad_token_id, **options)
     token_id = config.image_token_id if config.vision_config is not None else config.audio_token_id
-    media_tokens = [example.input_ids.count(token_id) for example in examples]
-    return model, MMPeftDataset(examples, processor), collate, MMPeftTrainer, parts, media_tokens
+    media_tokens = [dataset.example(index).input_ids.count(token_id) for index in range(len(dataset))]
+    return model, dataset, collate, MMPeftTrainer, parts, media_tokens
 
 
 def setup_baseline(framework: str, config, processor, examples, sizes: dict, padding_free: bool):
@@ -449,7 +452,7 @@ def run(name: str, args) -> dict:
     from transformers.models.siglip import SiglipImageProcessorPil
 
     from mmpeft import MMPeftProcessor
-    from mmpeft.data import prepare_examples
+    from mmpeft.data import MMPeftDataset, prepare_examples
     from mmpeft.reference import REFERENCE_CORPUS, train_byte_level_tokenizer
     from mmpeft.training import count_parameters, peak_memory_mb
 
@@ -480,13 +483,15 @@ def run(name: str, args) -> dict:
         audio_frames_per_token=config.audio_frames_per_token,
     )
     records = make_records(pair, args.batch_size * (args.warmup + args.steps), args.seed, sizes, DATA[scale])
-    examples, _ = prepare_examples(records, processor)
+    rows, _ = prepare_examples(records, processor)
+    mmpeft_dataset = MMPeftDataset(rows, processor)
+    examples = [mmpeft_dataset.example(index) for index in range(len(rows))]  # what the baselines' datasets read
 
     # Model, adapters, batches
     set_seed(args.seed)
     setup = setup_mmpeft if framework == "mmpeft" else setup_baseline
     model, dataset, collate, trainer_class, parts, media_tokens = setup(
-        framework, config, processor, examples, sizes, padding_free
+        framework, config, processor, mmpeft_dataset if framework == "mmpeft" else examples, sizes, padding_free
     )
     trainable, total = count_parameters(model)
 

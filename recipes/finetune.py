@@ -22,7 +22,7 @@ import sys
 import transformers
 from transformers import EarlyStoppingCallback, set_seed
 
-from mmpeft.data import MMPeftDataCollator, MMPeftDataset
+from mmpeft.data import BadSampleError, MMPeftDataCollator, MMPeftDataset, SkipReport
 from mmpeft.hub import PushError, push_output
 from mmpeft.training import (
     EncoderCheckpointingCallback,
@@ -89,9 +89,19 @@ def main(argv=None):
     ################
     # Dataset
     ################
-    with training_args.main_process_first(desc="preparing the data"):  # the first run writes the synthetic data
-        train_examples, eval_examples, _ = load_datasets(data_args, processor, training_args.output_dir)
-    generation_examples = eval_examples[: training_args.generation_num_samples]
+    # The main process (of each node, or of all with a shared cache) prepares and caches the data; the others then
+    # memory-map what it wrote.
+    with training_args.main_process_first(local=not data_args.prepared_data_shared, desc="preparing the data"):
+        train_dataset, eval_dataset, reports = load_datasets(data_args, processor, training_args.output_dir)
+    reused = sum(report["reused"] for report in reports.values())
+    rank = training_args.process_index
+    print(f"mmpeft: process {rank}: {len(reports) - reused} data sources prepared, {reused} reused from the cache")
+    generation_dataset = None
+    if eval_dataset is not None:
+        count = min(len(eval_dataset), training_args.generation_num_samples or len(eval_dataset))
+        generation_dataset = MMPeftDataset(
+            eval_dataset.rows.select(range(count)), processor, "generate", data_args.on_bad_sample
+        )
 
     ################
     # Tuning
@@ -107,13 +117,13 @@ def main(argv=None):
     trainer = MMPeftTrainer(
         model=model,
         args=training_args,
-        train_dataset=MMPeftDataset(train_examples, processor),
-        eval_dataset=MMPeftDataset(eval_examples, processor) if eval_examples else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         data_collator=MMPeftDataCollator(
             processor.tokenizer.pad_token_id, max_length=data_args.max_length, padding_free=data_args.padding_free
         ),
         processing_class=processor,
-        generation_examples=generation_examples,
+        generation_dataset=generation_dataset,
         generation_metrics=training_args.generation_metrics,
         generation_max_new_tokens=training_args.generation_max_new_tokens,
         encoder_learning_rate_scale=tuning_args.encoder_learning_rate_scale,
@@ -138,14 +148,16 @@ def main(argv=None):
         remove_incomplete_checkpoints(training_args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_metrics("train", train_result.metrics)
-    metrics = trainer.evaluate() if eval_examples else {}
+    metrics = trainer.evaluate() if eval_dataset else {}
     if metrics:
         trainer.save_metrics("eval", metrics)
     trainer.save_model()  # adapter + projectors for LoRA, full weights otherwise; processor alongside
     trainer.save_state()
 
+    loading_report = trainer.loading_report()
     wandb_run = _finish_wandb()
     if trainer.is_world_process_zero():
+        _add_loading_report(training_args.output_dir, loading_report)
         summary = {
             **{k: v for k, v in run_info.items() if k != "mmpeft"},
             "peak_memory_mb": round(trainer.peak_memory.mb, 1),
@@ -185,6 +197,25 @@ def main(argv=None):
     return trainer
 
 
+def _add_loading_report(output_dir: str, report: SkipReport):
+    """Samples skipped while training read them (media that failed to load), logged
+    and added to data_report.json."""
+    path = os.path.join(output_dir, "data_report.json")
+    with open(path) as file:
+        reports = json.load(file)
+    reports["skipped while loading"] = {
+        "skipped": report.skipped,
+        "reasons": dict(report.reasons),
+        "where": report.where,
+    }
+    with open(path, "w") as file:
+        json.dump(reports, file, indent=2)
+    if report.skipped:
+        logger.warning(
+            f"training: {report.skipped} samples replaced because their media failed to load{report.details()}"
+        )
+
+
 def _hide_token_in_command_line():
     for index, argument in enumerate(sys.argv):
         if argument.startswith("--hub_token="):
@@ -207,5 +238,5 @@ def _finish_wandb() -> str | None:
 if __name__ == "__main__":
     try:
         main()
-    except PushError as error:
+    except (PushError, BadSampleError) as error:
         sys.exit(f"mmpeft: {error}")

@@ -231,7 +231,7 @@ def main(argv=None):
     )  # fmt: skip
     with open(os.path.join(run_dir, "data_report.json")) as handle:
         report = json.load(handle)[data_path]
-    trained = [example.where for example in trainer.train_dataset.examples]
+    trained = list(trainer.train_dataset.rows["where"])
     counts, problems = account(cases, report, trained)
 
     odd = sum(1 for where in trained if cases[where] != "good")

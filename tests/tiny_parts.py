@@ -177,3 +177,12 @@ def mixed_records(count: int) -> list:
         messages = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
         records.append(Record(data={"messages": messages}, where=f"sample {index}"))
     return records
+
+
+def prepared_examples(records, processor, **settings):
+    """`prepare_examples`, with its rows viewed as `Example`s (expanded ids and labels, media sources)."""
+    from mmpeft.data import MMPeftDataset, prepare_examples
+
+    rows, report = prepare_examples(records, processor, **settings)
+    dataset = MMPeftDataset(rows, processor)
+    return [dataset.example(index) for index in range(len(rows))], report

@@ -22,7 +22,8 @@ class MMPeftDataCollator:
     compute is spent on padding, and each sample's first label is ignored so that no token is predicted across
     a boundary. Images and audio chunks of all samples are concatenated in order either way, audio padded to
     the longest chunk in the batch: their placeholder runs stay in sample order, so the model's scatter is
-    the same.
+    the same. Samples that `MMPeftDataset` replaced (their media failed to load) are passed on as
+    `skipped_samples` for the trainer to count.
 
     Args:
         pad_token_id: id used to pad `input_ids`.
@@ -51,10 +52,13 @@ class MMPeftDataCollator:
                 "never truncated (that would cut placeholder runs), prepare_examples drops or rejects them."
             )
         batch = self._flatten(items, lengths) if self.padding_free else self._pad_text(items, max(lengths))
-        for name in {key for item in items for key in item} - {"input_ids", "labels"}:
+        for name in {key for item in items for key in item} - {"input_ids", "labels", "skipped_samples"}:
             tensors = [item[name] for item in items if name in item]
             width = max(t.shape[-1] for t in tensors)  # waveform / mask lengths differ across chunks
             batch[name] = torch.cat([F.pad(t, (0, width - t.shape[-1])) for t in tensors])
+        skipped = [sample for item in items for sample in item.get("skipped_samples", ())]
+        if skipped:  # samples replaced because their media failed to load: the trainer counts them
+            batch["skipped_samples"] = skipped
         return batch
 
     def _pad_text(self, items: list[dict], longest: int) -> dict[str, torch.Tensor]:

@@ -9,9 +9,14 @@ Formats read:
    `{"type": "audio", "path" | "audio"}`, `{"type": "text", "text"}`; string content is text.
 2. LLaVA `conversations` (`from` / `value`, with `<image>` / `<audio>` in the text and `image` / `audio` fields
    holding one source or a list, used in order).
-3. Any `datasets` dataset (local files or a Hub id) with either set of columns.
+3. Any `datasets` dataset (a `save_to_disk` folder or a Hub id) or Parquet file with either set of columns
+   (media as paths, or as `{"bytes", "path"}` as `datasets` stores images and audio).
+
+A source is a file, a glob of files (`data/shards/*.jsonl`), a folder of JSONL / JSON / Parquet files, a
+`save_to_disk` folder or a Hub id (`data_files`).
 """
 
+import glob
 import json
 import os
 import re
@@ -29,6 +34,14 @@ class BadSampleError(ValueError):
     def __init__(self, where: str, reason: str, field: str | None = None):
         self.where, self.reason, self.field = where, reason, field
         super().__init__(f"{where}: {f'field {field!r}: ' if field else ''}{reason}")
+
+    def __reduce__(self):  # raised in worker processes (`datasets.map`, DataLoader): rebuilt with all its parts
+        return type(self), (self.where, self.reason, self.field)
+
+    @property
+    def key(self) -> str:
+        """What skip reports count: the field and the reason, without the sample's place."""
+        return f"{self.field}: {self.reason}" if self.field else self.reason
 
 
 @dataclass
@@ -182,65 +195,131 @@ def to_conversation(record: Record) -> list[dict]:
     raise BadSampleError(record.where, f"has neither 'messages' nor 'conversations' (keys: {sorted(record.data)})")
 
 
-def read_records(source: str, split: str = "train", allow_outside: bool = False) -> Iterator[Record]:
-    """Records of a JSONL / JSON file, or of a `datasets` dataset (a local folder or a Hub id) split.
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
-    A malformed JSON line (or one that is not UTF-8) becomes a record whose conversion fails with the line's
-    number, so that it is counted (or raised) like any other bad sample and the other lines are still read.
+
+def data_files(source: str) -> list[str] | None:
+    """The data files a source names -- a JSONL / JSON / Parquet file, a glob of them (`shards/*.jsonl`) or a folder
+    holding them -- sorted; None when it names a `datasets` dataset instead (a `save_to_disk` folder or a Hub id)."""
+    if glob.has_magic(source):
+        files = sorted(path for path in glob.glob(source, recursive=True) if path.endswith(DATA_FILE_SUFFIXES))
+        if not files:
+            raise FileNotFoundError(f"{source}: no {'/'.join(DATA_FILE_SUFFIXES)} files match")
+        return [os.path.abspath(path) for path in files]
+    if os.path.isfile(source):
+        if not source.endswith(DATA_FILE_SUFFIXES):
+            raise ValueError(f"{source}: data files are {', '.join(DATA_FILE_SUFFIXES)}")
+        return [os.path.abspath(source)]
+    if os.path.isdir(source) and not is_saved_dataset(source):
+        files = sorted(entry.path for entry in os.scandir(source) if entry.name.endswith(DATA_FILE_SUFFIXES))
+        if not files:
+            raise FileNotFoundError(
+                f"{source}: a folder without {'/'.join(DATA_FILE_SUFFIXES)} files or a saved dataset"
+            )
+        return [os.path.abspath(path) for path in files]
+    return None
+
+
+def is_saved_dataset(source: str) -> bool:
+    """Whether `source` is a folder written by `datasets`' `save_to_disk` (a Dataset or a DatasetDict)."""
+    return any(os.path.exists(os.path.join(source, name)) for name in ("dataset_info.json", "dataset_dict.json"))
+
+
+def parse_line(line: bytes, where: str, base_dir: str, allow_outside: bool, first: bool = False) -> Record:
+    """The record of one JSONL line. A malformed line (or one that is not UTF-8) becomes a record whose conversion
+    fails naming the line, so that it is counted (or raised) like any other bad sample."""
+    try:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line.
+        data = json.loads(line.decode("utf-8-sig" if first else "utf-8"))
+    except UnicodeDecodeError as error:
+        return Record(None, where, base_dir, error=f"invalid UTF-8 at byte {error.start + 1} of the line")
+    except json.JSONDecodeError as error:
+        at = "the end of the line" if error.pos >= len(error.doc.rstrip()) else f"character {error.pos + 1}"
+        return Record(None, where, base_dir, error=f"malformed JSON line: {error.msg} at {at}")
+    except ValueError as error:  # valid JSON that Python refuses (an integer of 5000 digits)
+        return Record(None, where, base_dir, error=f"malformed JSON line: {error}")
+    return Record(data, where, base_dir, allow_outside)
+
+
+def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """`(line number, line)` of every non-blank line of a JSONL file."""
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            if line.strip():
+                yield number, line
+
+
+def read_json_items(path: str) -> list:
+    """The samples of a JSON file: a list, or `{"data": [...]}` / `{"samples": [...]}`."""
+    with open(path, "rb") as file:
+        try:
+            data = json.load(file)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise BadSampleError(path, f"invalid JSON: {error}") from error
+    items = data if isinstance(data, list) else data.get("data", data.get("samples"))
+    if not isinstance(items, list):
+        raise BadSampleError(path, "a JSON file must hold a list of samples (or {'data': [...]})")
+    return items
+
+
+def read_records(source: str, split: str = "train", allow_outside: bool = False) -> Iterator[Record]:
+    """Records of JSONL / JSON / Parquet files (a file, a glob or a folder), or of a `datasets` dataset (a
+    `save_to_disk` folder or a Hub id) split, in order, one at a time.
+
     Media paths must stay inside the data file's folder (or the dataset folder) unless `allow_outside`.
     """
-    if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
-        base_dir = os.path.dirname(os.path.abspath(source))
-        with open(source, "rb") as file:
-            if source.endswith(".json"):
-                try:
-                    data = json.load(file)
-                except (ValueError, UnicodeDecodeError) as error:
-                    raise BadSampleError(source, f"invalid JSON: {error}") from error
-                items = data if isinstance(data, list) else data.get("data", data.get("samples"))
-                if not isinstance(items, list):
-                    raise BadSampleError(source, "a JSON file must hold a list of samples (or {'data': [...]})")
-                for index, item in enumerate(items):
-                    yield Record(item, f"{source}[{index}]", base_dir, allow_outside)
-                return
-            for number, line in enumerate(file, start=1):
-                if not line.strip():
-                    continue
-                where = f"{source}:{number}"
-                try:
-                    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line.
-                    data = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
-                except UnicodeDecodeError as error:
-                    yield Record(None, where, base_dir, error=f"invalid UTF-8 at byte {error.start + 1} of the line")
-                except json.JSONDecodeError as error:
-                    at = (
-                        "the end of the line" if error.pos >= len(error.doc.rstrip()) else f"character {error.pos + 1}"
-                    )
-                    yield Record(None, where, base_dir, error=f"malformed JSON line: {error.msg} at {at}")
-                except ValueError as error:  # valid JSON that Python refuses (an integer of 5000 digits)
-                    yield Record(None, where, base_dir, error=f"malformed JSON line: {error}")
-                else:
-                    yield Record(data, where, base_dir, allow_outside)
+    files = data_files(source)
+    if files is None:
+        yield from _read_dataset(source, split, allow_outside)
         return
-    yield from _read_dataset(source, split, allow_outside)
+    for path in files:
+        base_dir = os.path.dirname(path)
+        if path.endswith(".jsonl"):
+            for number, line in read_lines(path):
+                yield parse_line(line, f"{path}:{number}", base_dir, allow_outside, first=number == 1)
+        elif path.endswith(".json"):
+            for index, item in enumerate(read_json_items(path)):
+                yield Record(item, f"{path}[{index}]", base_dir, allow_outside)
+        else:
+            import pyarrow.parquet
+
+            index = 0
+            for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=1024):
+                for item in batch.to_pylist():
+                    yield Record(item, f"{path}[{index}]", base_dir, allow_outside)
+                    index += 1
 
 
-def _read_dataset(source: str, split: str, allow_outside: bool) -> Iterator[Record]:
+def load_hf_dataset(source: str, split: str):
+    """A `datasets` dataset split (a `save_to_disk` folder or a Hub id) with media columns left undecoded:
+    `datasets` decodes audio only through torchcodec (which fails with CPU torch), and images without mmpeft's
+    checks (the decompression-bomb limit is checked from the header, before decoding)."""
     import datasets
 
-    if os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_info.json")):
+    if is_saved_dataset(source):
         dataset = datasets.load_from_disk(source)
         dataset = dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
     else:
         dataset = datasets.load_dataset(source, split=split)
-    # Keep media undecoded: datasets decodes audio only through torchcodec (see DESIGN.md), and images without
-    # mmpeft's checks (the decompression-bomb limit is checked from the header, before decoding).
     for name, feature in dataset.features.items():
         if isinstance(feature, (datasets.Audio, datasets.Image)):
             dataset = dataset.cast_column(name, type(feature)(decode=False))
+    return dataset
+
+
+def _read_dataset(source: str, split: str, allow_outside: bool) -> Iterator[Record]:
     base_dir = source if os.path.isdir(source) else None
-    for index, item in enumerate(dataset):
+    for index, item in enumerate(load_hf_dataset(source, split)):
         yield Record(item, f"{source}[{split}][{index}]", base_dir, allow_outside)
 
 
-__all__ = ["BadSampleError", "Record", "read_records", "to_conversation"]
+__all__ = [
+    "BadSampleError",
+    "Record",
+    "data_files",
+    "is_saved_dataset",
+    "load_hf_dataset",
+    "parse_line",
+    "read_records",
+    "to_conversation",
+]

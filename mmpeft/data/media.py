@@ -70,35 +70,53 @@ def load_image(source) -> Image.Image:
     refused from their header, before their pixels are decoded.
     """
     if isinstance(source, Image.Image):  # already decoded by its producer: nothing left to guard
-        image = source
-    else:
-        if isinstance(source, str) and source.startswith(("http://", "https://")):
-            from transformers.image_utils import load_image as load_url
+        return _to_rgb(source)
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        from transformers.image_utils import load_image as load_url
 
-            try:
-                return load_url(source).convert("RGB")
-            except Exception as error:
-                raise MediaError(f"cannot download image {source}: {error}") from error
-        opened = _open_source(source)
         try:
-            with warnings.catch_warnings():  # Pillow warns from 1x its limit; MAX_IMAGE_PIXELS decides below
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(opened)  # reads the header only
-        except Image.DecompressionBombError as error:  # Pillow refuses from 2 x PIL.Image.MAX_IMAGE_PIXELS
-            limit = min(MAX_IMAGE_PIXELS, 2 * Image.MAX_IMAGE_PIXELS)
-            raise MediaError(
-                f"image is over the limit of {limit} pixels, refused before decoding (Pillow: {error})"
-            ) from error
-        except UnidentifiedImageError as error:
-            raise MediaError("cannot decode image: not a known image format") from error
+            return load_url(source).convert("RGB")
         except Exception as error:
-            raise MediaError(f"cannot decode image: {_image_error(error)}") from error
-        _check_image_size(image)
-        try:
-            image.load()
-        except Exception as error:  # PIL raises many types for corrupt or truncated files
-            raise MediaError(f"cannot decode image: {_image_error(error)}") from error
+            raise MediaError(f"cannot download image {source}: {error}") from error
+    image = _open_image(source)
+    try:
+        image.load()
+    except Exception as error:  # PIL raises many types for corrupt or truncated files
+        raise MediaError(f"cannot decode image: {_image_error(error)}") from error
     return _to_rgb(image)
+
+
+def check_image(source) -> tuple[int, int]:
+    """`(width, height)` of an image, from its header only: the format is known, the file is there, not empty and
+    not over `MAX_IMAGE_PIXELS`. A file that breaks off after its header passes (`load_image` finds it)."""
+    if isinstance(source, Image.Image) or (isinstance(source, str) and source.startswith(("http://", "https://"))):
+        return load_image(source).size  # nothing to read a header from: decoded, or fetched whole anyway
+    with _open_image(source) as image:
+        return image.size
+
+
+def _open_image(source) -> Image.Image:
+    """The image, opened (its header read and its size checked), pixels not decoded."""
+    opened = _open_source(source)
+    try:
+        with warnings.catch_warnings():  # Pillow warns from 1x its limit; MAX_IMAGE_PIXELS decides below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(opened)  # reads the header only
+    except Image.DecompressionBombError as error:  # Pillow refuses from 2 x PIL.Image.MAX_IMAGE_PIXELS
+        limit = min(MAX_IMAGE_PIXELS, 2 * Image.MAX_IMAGE_PIXELS)
+        raise MediaError(
+            f"image is over the limit of {limit} pixels, refused before decoding (Pillow: {error})"
+        ) from error
+    except UnidentifiedImageError as error:
+        raise MediaError("cannot decode image: not a known image format") from error
+    except Exception as error:
+        raise MediaError(f"cannot decode image: {_image_error(error)}") from error
+    try:
+        _check_image_size(image)
+    except MediaError:
+        image.close()
+        raise
+    return image
 
 
 def _image_error(error: Exception) -> str:
@@ -283,4 +301,12 @@ def _resample_blocks(blocks: Iterable[np.ndarray], up: int, down: int) -> Iterat
         yield span(total, last=True)
 
 
-__all__ = ["AUDIO_BLOCK_SAMPLES", "MAX_IMAGE_PIXELS", "MediaError", "audio_length", "load_audio", "load_image"]
+__all__ = [
+    "AUDIO_BLOCK_SAMPLES",
+    "MAX_IMAGE_PIXELS",
+    "MediaError",
+    "audio_length",
+    "check_image",
+    "load_audio",
+    "load_image",
+]

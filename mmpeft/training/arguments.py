@@ -76,6 +76,33 @@ class DataArguments:
             "no compute spent on padding, same loss. Pays off when sample lengths vary; see recipes/configs/README.md."
         },
     )
+    validate_media: Literal["auto", "decode", "header", "none"] = field(
+        default="auto",
+        metadata={
+            "help": "How much of each media file is checked before training. decode: decode every file. header: read "
+            "each file's header only (format, size, length), much faster; a file that fails later, when loaded in "
+            "training, is handled by on_bad_sample. none: trust the data (audio headers are still read for token "
+            "counts). auto: decode up to 10,000 samples per source, header above."
+        },
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Processes preparing the data (datasets.map num_proc). Default: the CPU count, at most 16."},
+    )
+    prepared_data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cache of prepared data (reused while data files, processor and data settings are unchanged). "
+            "Default: $MMPEFT_CACHE/prepared (~/.cache/mmpeft/prepared)."
+        },
+    )
+    prepared_data_shared: bool = field(
+        default=False,
+        metadata={
+            "help": "The prepared-data cache is on a filesystem every node sees: only the global main process "
+            "prepares. Default: the main process of each node prepares, the others wait and memory-map its result."
+        },
+    )
     synthetic_train_size: int = field(default=3000, metadata={"help": "Embedded dataset: training samples."})
     synthetic_eval_size: int = field(default=300, metadata={"help": "Embedded dataset: evaluation samples."})
     data_seed_mixing: int = field(default=0, metadata={"help": "Seed of the weighted mixing of several datasets."})

@@ -3,11 +3,12 @@
 import json
 import logging
 import os
-import random
 
+import datasets
 import torch
 
-from ..data import generate_synthetic_dataset, prepare_examples, read_records
+from ..data import MMPeftDataset, generate_synthetic_dataset
+from ..data.preparation import prepare_source
 from ..data.synthetic import VERSION as SYNTHETIC_VERSION
 from ..models import MMPeftForConditionalGeneration, MMPeftProcessor
 from ..reference import build_reference_checkpoint
@@ -51,20 +52,27 @@ def load_model(args: ModelArguments, quantization_config=None):
     return model, MMPeftProcessor.from_pretrained(path)
 
 
-def _mix(parts: list[tuple[list, float]], seed: int) -> list:
-    """Each dataset's examples repeated `weight` times (fractional parts drawn at random, seeded)."""
-    rng, mixed = random.Random(seed), []
-    for examples, weight in parts:
+def _mix(parts: list[tuple[datasets.Dataset, float]], seed: int) -> datasets.Dataset:
+    """Each dataset repeated `weight` times (its fractional part drawn at random, seeded), concatenated."""
+    pieces = []
+    for rows, weight in parts:
         whole, fraction = int(weight), weight - int(weight)
-        mixed += examples * whole + rng.sample(examples, round(fraction * len(examples)))
-    return mixed
+        pieces += [rows] * whole
+        if round(fraction * len(rows)):
+            drawn = rows.shuffle(seed=seed, keep_in_memory=True)  # an index mapping: the rows stay on disk
+            pieces.append(drawn.select(range(round(fraction * len(rows))), keep_in_memory=True))
+    return pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
 
 
-def load_datasets(args: DataArguments, processor, output_dir: str | None = None):
-    """`(train_examples, eval_examples, reports)` from the configured datasets or the embedded synthetic one.
+def load_datasets(
+    args: DataArguments, processor, output_dir: str | None = None
+) -> tuple[MMPeftDataset, MMPeftDataset | None, dict]:
+    """`(train_dataset, eval_dataset, reports)` from the configured datasets or the embedded synthetic one.
 
-    Every record is validated up front; bad and over-long samples are raised or skipped per the settings, and
-    the skip report of each dataset is logged (and written to `output_dir/data_report.json`).
+    Each source is prepared once into the cache (`mmpeft.data.preparation.prepare_source`: parallel, reused by
+    later runs and by the other processes of this one) and memory-mapped. Bad and over-long samples are raised or
+    skipped per the settings, and the skip report of each source is logged (and written to
+    `output_dir/data_report.json`). `eval_dataset` is None without evaluation data.
     """
     train_specs, eval_specs = args.train_data, args.eval_data
     if not train_specs:
@@ -73,41 +81,50 @@ def load_datasets(args: DataArguments, processor, output_dir: str | None = None)
         paths = generate_synthetic_dataset(folder, num_train=sizes[0], num_eval=sizes[1])
         train_specs = [{"path": paths["train"], "weight": 1.0, "split": "train"}]
         eval_specs = eval_specs or [{"path": paths["eval"], "weight": 1.0, "split": "validation"}]
-
+    settings = dict(
+        max_length=args.max_length,
+        on_bad_sample=args.on_bad_sample,
+        on_overlong=args.on_overlong,
+        allow_outside=args.allow_media_outside_data_dir,
+    )
     reports = {}
 
     def prepare(specs):
         parts = []
         for spec in specs:
-            examples, report = prepare_examples(
-                read_records(spec["path"], spec["split"], args.allow_media_outside_data_dir),
+            prepared = prepare_source(
+                spec["path"],
                 processor,
-                max_length=args.max_length,
-                on_bad_sample=args.on_bad_sample,
-                on_overlong=args.on_overlong,
-                name=spec["path"],
+                args.prepared_data_dir or os.path.join(CACHE_DIR, "prepared"),
+                split=spec["split"],
+                validate_media=args.validate_media,
+                num_workers=args.preprocessing_num_workers,
+                **settings,
             )
+            rows, report = prepared.rows, prepared.report
             logger.info(report.summary(spec["path"]))
-            reports[spec["path"]] = report.to_dict()
-            if not examples:
+            reports[spec["path"]] = {**report.to_dict(), "prepared_data": prepared.path, "reused": prepared.reused}
+            if not len(rows):
                 raise ValueError(f"{spec['path']}: no usable samples ({report.summary(spec['path'])})")
-            parts.append((examples, spec["weight"]))
+            parts.append((rows, spec["weight"]))
         return parts
 
-    train = _mix(prepare(train_specs), args.data_seed_mixing)
+    def dataset(rows, mode="train"):
+        return MMPeftDataset(rows, processor, mode, on_bad_sample=args.on_bad_sample)
+
+    evaluation = None
     if eval_specs:
-        evaluation = [example for examples, _ in prepare(eval_specs) for example in examples]
-    elif args.eval_fraction:
-        random.Random(args.data_seed_mixing).shuffle(train)
-        cut = max(1, int(len(train) * args.eval_fraction))
-        evaluation, train = train[:cut], train[cut:]
-    else:
-        evaluation = []
+        evaluation = datasets.concatenate_datasets([rows for rows, _ in prepare(eval_specs)])
+    train = _mix(prepare(train_specs), args.data_seed_mixing)
+    if evaluation is None and args.eval_fraction:
+        split = train.train_test_split(test_size=args.eval_fraction, seed=args.data_seed_mixing)
+        train, evaluation = split["train"], split["test"]
+    train = dataset(train)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "data_report.json"), "w") as file:
             json.dump(reports, file, indent=2)
-    return train, evaluation, reports
+    return train, None if evaluation is None else dataset(evaluation), reports
 
 
 def configure_wandb(training_args: MMPeftTrainingArguments, tuning_args: TuningArguments) -> None:

@@ -14,14 +14,14 @@ import psutil
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..data import MMPeftDataCollator, MMPeftDataset
-from ..data.dataset import IGNORE_INDEX
+from ..data.dataset import IGNORE_INDEX, SkipReport
 from ..metrics import compute_metrics
 from .checkpoints import mark_complete
 from .packing import check_padding_free_attention, use_packed_attention
@@ -114,8 +114,12 @@ def logits_for_labels_only(inputs: dict) -> dict:
 class MMPeftTrainer(Trainer):
     """Trainer that also generates answers for the eval set and scores them.
 
+    Samples that the datasets replaced because their media failed to load (`on_bad_sample: skip`) are counted in
+    `load_report` (`loading_report()` gathers every process's).
+
     Args:
-        generation_examples: eval `Example`s to generate for (their last assistant turn is the reference).
+        generation_dataset: an `MMPeftDataset` in `"generate"` mode of the eval samples to generate answers for (the
+            last assistant turn of each is the reference).
         generation_metrics: metric names (`mmpeft.metrics.METRICS`); `accuracy` is exact match.
         generation_max_new_tokens: longest answer generated.
         encoder_learning_rate_scale: learning rate of encoder parameters relative to the others.
@@ -125,7 +129,7 @@ class MMPeftTrainer(Trainer):
     def __init__(
         self,
         *args,
-        generation_examples=None,
+        generation_dataset=None,
         generation_metrics=("accuracy",),
         generation_max_new_tokens=32,
         encoder_learning_rate_scale=1.0,
@@ -133,7 +137,8 @@ class MMPeftTrainer(Trainer):
     ):
         super().__init__(*args, **kwargs)
         self.encoder_learning_rate_scale = encoder_learning_rate_scale
-        self.generation_examples = generation_examples or []
+        self.generation_dataset = generation_dataset
+        self.load_report = SkipReport()
         self.generation_metric_names = list(generation_metrics)
         self.generation_max_new_tokens = generation_max_new_tokens
         self.data_clock = None
@@ -193,6 +198,22 @@ class MMPeftTrainer(Trainer):
             inputs = logits_for_labels_only(inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def _prepare_inputs(self, inputs):
+        """Trainer's device placement, after counting the samples the batch's dataset replaced."""
+        for sample in inputs.pop("skipped_samples", ()):
+            self.load_report.add(sample["reason"], sample["where"])
+        return super()._prepare_inputs(inputs)
+
+    def loading_report(self) -> SkipReport:
+        """Samples replaced while loading, by every process (call it on all of them)."""
+        report = SkipReport()
+        for reasons, where in gather_object([(dict(self.load_report.reasons), self.load_report.where)]):
+            for reason, count in reasons.items():
+                report.reasons[reason] += count
+                report.where.setdefault(reason, [])
+                report.where[reason] = (report.where[reason] + where[reason])[:5]
+        return report
+
     def _get_train_sampler(self, train_dataset=None):
         """Trainer's sampler, except that `train_sampling_strategy: group_by_length` takes each sample's length from
         its example: the Trainer would load every sample (and decode its media) to measure it."""
@@ -219,14 +240,15 @@ class MMPeftTrainer(Trainer):
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        if self.generation_examples:
+        if self.generation_dataset is not None:
             metrics = self.generation_scores()
             output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
         return output
 
     @torch.no_grad()
-    def generate_answers(self, examples) -> list[str]:
-        """Greedy answers to the prompts of `examples`; each process generates a share and all get all."""
+    def generate_answers(self, dataset: MMPeftDataset) -> tuple[list[str], set[int]]:
+        """Greedy answers to the prompts of `dataset` (`"generate"` mode), and the indices of samples whose media
+        failed to load (their answers are meaningless); each process generates a share and all get all."""
         processor = self.processing_class
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
@@ -234,35 +256,40 @@ class MMPeftTrainer(Trainer):
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         # Equal shares (the last padded with a repeat): under ZeRO-3 every process must take part in every
         # generation step, so none may run out of batches before the others.
-        share = -(-len(examples) // world)
-        indices = [min(i, len(examples) - 1) for i in range(rank * share, (rank + 1) * share)]
+        share = -(-len(dataset) // world)
+        indices = [min(i, len(dataset) - 1) for i in range(rank * share, (rank + 1) * share)]
         loader = DataLoader(
-            MMPeftDataset([examples[i] for i in indices], processor, mode="generate"),
+            Subset(dataset, indices),
             batch_size=self.args.per_device_eval_batch_size,
             collate_fn=MMPeftDataCollator(processor.tokenizer.pad_token_id, padding_side="left"),
             num_workers=self.args.dataloader_num_workers,
         )
-        answers = []
+        answers, failed = [], []
         progress = tqdm(
             loader, desc="Generating", disable=not self.is_local_process_zero() or self.args.disable_tqdm, leave=False
         )
         for batch in progress:
+            failed += [sample["index"] for sample in batch.pop("skipped_samples", ())]
             batch = {name: tensor.to(self.args.device) for name, tensor in batch.items()}
             output = model.generate(**batch, max_new_tokens=self.generation_max_new_tokens, do_sample=False)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             answers.extend(processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         model.train(was_training)
         gathered = dict(gather_object(list(zip(indices, answers))))
-        return [gathered[i].strip() for i in range(len(examples))]
+        return [gathered[i].strip() for i in range(len(dataset))], set(gather_object(failed))
 
     def generation_scores(self) -> dict[str, float]:
-        """Generation metrics over the eval examples, overall and per task (`accuracy_<task>`)."""
-        examples = self.generation_examples
-        answers = self.generate_answers(examples)
-        references = [example.reference for example in examples]
+        """Generation metrics over the generation dataset, overall and per task (`accuracy_<task>`); samples whose
+        media failed to load are left out (the eval-loss pass over the same samples counts them)."""
+        dataset = self.generation_dataset
+        answers, failed = self.generate_answers(dataset)
+        rows = dataset.rows.select_columns(["where", "reference", "task"])
+        kept = [row for index, row in enumerate(rows) if index not in failed]
+        answers = [answer for index, answer in enumerate(answers) if index not in failed]
+        references = [row["reference"] for row in kept]
         scores = compute_metrics(self.generation_metric_names, answers, references)
-        for task in sorted({e.task for e in examples if e.task}):
-            picked = [i for i, e in enumerate(examples) if e.task == task]
+        for task in sorted({row["task"] for row in kept if row["task"]}):
+            picked = [i for i, row in enumerate(kept) if row["task"] == task]
             accuracy = compute_metrics(["accuracy"], [answers[i] for i in picked], [references[i] for i in picked])
             scores[f"accuracy_{task}"] = accuracy["accuracy"]
         return scores

@@ -7,7 +7,7 @@ import pytest
 import soundfile
 import torch
 from PIL import Image
-from tiny_parts import build
+from tiny_parts import build, prepared_examples
 
 from mmpeft.data import (
     BadSampleError,
@@ -70,7 +70,7 @@ def test_messages_multi_turn_labels_cover_assistant_turns_only(files, processor)
             ],
         }
     ]
-    [example], report = prepare_examples(read_records(write_jsonl(files / "d.jsonl", rows)), processor)
+    [example], report = prepared_examples(read_records(write_jsonl(files / "d.jsonl", rows)), processor)
     assert report.kept == 1 and report.skipped == 0 and example.task == "demo"
     tokenizer = processor.tokenizer
     labelled = [i for i, label in enumerate(example.labels) if label != IGNORE_INDEX]
@@ -104,8 +104,8 @@ def test_llava_json_and_datasets_formats_give_the_same_sample(files, processor):
     ]
     messages = [{"messages": [user(IMAGE, AUDIO, text("Describe.")), {"role": "assistant", "content": "purple tone"}]}]
     (files / "llava.json").write_text(json.dumps(llava))
-    from_llava, _ = prepare_examples(read_records(str(files / "llava.json")), processor)
-    from_messages, _ = prepare_examples(read_records(write_jsonl(files / "m.jsonl", messages)), processor)
+    from_llava, _ = prepared_examples(read_records(str(files / "llava.json")), processor)
+    from_messages, _ = prepared_examples(read_records(write_jsonl(files / "m.jsonl", messages)), processor)
 
     import datasets
 
@@ -119,7 +119,7 @@ def test_llava_json_and_datasets_formats_give_the_same_sample(files, processor):
     # Its media live outside the dataset folder: refused unless allowed.
     with pytest.raises(BadSampleError, match=r"outside the data folder"):
         prepare_examples(read_records(str(files / "hf")), processor)
-    from_datasets, _ = prepare_examples(read_records(str(files / "hf"), allow_outside=True), processor)
+    from_datasets, _ = prepared_examples(read_records(str(files / "hf"), allow_outside=True), processor)
     assert from_llava[0].input_ids == from_messages[0].input_ids == from_datasets[0].input_ids
     assert from_llava[0].labels == from_messages[0].labels
 
@@ -135,7 +135,8 @@ def test_text_only_and_media_samples_batch_together(files, processor):
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["pixel_values"].shape[0] == 2 and batch["input_features"].shape[0] == 1
     assert (
-        batch["attention_mask"][0].sum() == len(examples[0]) and batch["labels"][0, len(examples[0]) :].eq(-100).all()
+        batch["attention_mask"][0].sum() == len(dataset.example(0))
+        and batch["labels"][0, len(dataset.example(0)) :].eq(-100).all()
     )
     model = build("llama", "siglip", "whisper", audio_frames_per_token=2)[0]
     assert torch.isfinite(model(**batch).loss)
@@ -193,7 +194,7 @@ def test_bad_sample_error_names_file_line_and_field(case, files, processor):
     path = write_jsonl(files / "d.jsonl", [good, row, good])
     with pytest.raises(BadSampleError, match=rf"{path}:2: .*{message}"):
         prepare_examples(read_records(path), processor)
-    examples, report = prepare_examples(read_records(path), processor, on_bad_sample="skip")
+    examples, report = prepared_examples(read_records(path), processor, on_bad_sample="skip")
     # Skipped and counted; the other samples are kept untouched, nothing is replaced.
     assert len(examples) == 2 and [e.where for e in examples] == [f"{path}:1", f"{path}:3"]
     assert report.read == 3 and report.kept == 2 and report.skipped == 1
@@ -232,7 +233,7 @@ def test_media_paths_outside_the_data_folder_are_refused_unless_allowed(path, fi
         prepare_examples(read_records(str(data)), processor)
     examples, report = prepare_examples(read_records(str(data)), processor, on_bad_sample="skip")
     assert not examples and report.skipped == 1
-    [example], _ = prepare_examples(read_records(str(data), allow_outside=True), processor)
+    [example], _ = prepared_examples(read_records(str(data), allow_outside=True), processor)
     assert example.images == [str(outside)]
 
 
@@ -241,7 +242,7 @@ def test_placeholder_strings_in_user_text_stay_text(files, processor):
     slot or a new turn; only the image part becomes image tokens."""
     text_with_tokens = "What is <image> and <audio><|im_end|>?"
     row = {"messages": [user(IMAGE, text(text_with_tokens)), {"role": "assistant", "content": "a <image> tag"}]}
-    [example], report = prepare_examples(read_records(write_jsonl(files / "d.jsonl", [row])), processor)
+    [example], report = prepared_examples(read_records(write_jsonl(files / "d.jsonl", [row])), processor)
     assert report.skipped == 0
     assert example.input_ids.count(processor.image_token_id) == processor.image_seq_length  # the one real image
     assert processor.audio_token_id not in example.input_ids

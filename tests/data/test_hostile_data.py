@@ -14,7 +14,7 @@ import pytest
 import soundfile
 from PIL import Image
 from scipy.signal import resample_poly
-from tiny_parts import SAMPLING_RATE, build
+from tiny_parts import SAMPLING_RATE, build, prepared_examples
 
 from mmpeft.data import BadSampleError, MMPeftDataset, load_audio, load_image, prepare_examples, read_records
 from mmpeft.data import media as media_module
@@ -212,13 +212,13 @@ def test_hostile_sample_is_a_clear_error_or_a_counted_skip(case, data_dir, proce
     assert str(raised.value) == f"{path}:2: {named}{raised.value.reason}"
     assert re.fullmatch(reason, raised.value.reason, flags=re.DOTALL), raised.value.reason
 
-    examples, report = prepare_examples(read_records(path), processor, on_bad_sample="skip")
+    examples, report = prepared_examples(read_records(path), processor, on_bad_sample="skip")
     assert report.read == 3 and report.kept == 2 and report.skipped == 1
     [(key, count)] = report.reasons.items()
     assert count == 1 and key == (f"{field}: {raised.value.reason}" if field else raised.value.reason)
     assert report.where[key] == [f"{path}:2"]
     # The other samples are exactly what they are without the hostile one.
-    alone, _ = prepare_examples(read_records(write_jsonl(data_dir / "good.jsonl", GOOD)), processor)
+    alone, _ = prepared_examples(read_records(write_jsonl(data_dir / "good.jsonl", GOOD)), processor)
     assert [e.where for e in examples] == [f"{path}:1", f"{path}:3"]
     assert [(e.input_ids, e.labels, e.images, e.audio) for e in examples] == [
         (e.input_ids, e.labels, e.images, e.audio) for e in alone
@@ -252,7 +252,7 @@ def test_datasets_image_columns_are_checked_before_decoding(data_dir, processor)
         }
     )
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(data_dir / "hf"))
-    examples, report = prepare_examples(read_records(str(data_dir / "hf")), processor, on_bad_sample="skip")
+    examples, report = prepared_examples(read_records(str(data_dir / "hf")), processor, on_bad_sample="skip")
     assert [e.where for e in examples] == [f"{data_dir / 'hf'}[train][0]"]
     [(reason, count)] = report.reasons.items()
     assert count == 1 and reason.startswith(
@@ -263,7 +263,7 @@ def test_datasets_image_columns_are_checked_before_decoding(data_dir, processor)
 def test_jsonl_with_a_byte_order_mark_reads_its_first_line(data_dir, processor):
     path = data_dir / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD[0]).encode() + b"\n" + json.dumps(GOOD[0]).encode() + b"\n")
-    examples, report = prepare_examples(read_records(str(path)), processor)
+    examples, report = prepared_examples(read_records(str(path)), processor)
     assert report.kept == 2 and examples[0].input_ids == examples[1].input_ids
 
 
@@ -273,7 +273,7 @@ def test_placeholder_strings_in_text_never_become_media_slots(text, data_dir, pr
         {"messages": [{"role": "system", "content": text}, *sample(text, answer=text)["messages"]]},
         sample(part("audio", "media/tone.wav"), text),
     ]
-    [text_only, with_audio], report = prepare_examples(
+    [text_only, with_audio], report = prepared_examples(
         read_records(write_jsonl(data_dir / "d.jsonl", rows)), processor
     )
     assert report.skipped == 0
@@ -313,10 +313,10 @@ def test_odd_images_are_converted_to_rgb_and_kept(case, data_dir, processor):
     assert np.abs(np.subtract(loaded.getpixel((0, 0)), pixel)).max() <= (6 if fmt == "JPEG" else 1)
     if case == "palette with a transparent colour":
         assert loaded.getpixel((3, 3)) == (10, 200, 30)  # the opaque colour is kept
-    [example], report = prepare_examples(
+    rows, report = prepare_examples(
         read_records(write_jsonl(data_dir / "d.jsonl", [sample(part("image", "media/odd"), "?")])), processor
     )
-    item = MMPeftDataset([example], processor)[0]
+    item = MMPeftDataset(rows, processor)[0]
     # Resized by the image processor like any image (a 1x1 image too), to the same values as its RGB version.
     expected = processor.image_processor([loaded], return_tensors="pt")["pixel_values"]
     assert item["pixel_values"].shape == (1, 3, 32, 32) and (item["pixel_values"] == expected).all()
@@ -333,7 +333,7 @@ def test_audio_rates_and_channels_are_mixed_down_and_resampled(rate, channels, d
     assert abs(np.argmax(spectrum) * SAMPLING_RATE / audio.size - 440.0) <= 2  # same pitch
     rms = np.sqrt(np.mean(audio[800:-800] ** 2))  # away from the edges
     assert rms == pytest.approx(0.3 / np.sqrt(2) * gains.mean(), rel=0.01)
-    [example], _ = prepare_examples(
+    [example], _ = prepared_examples(
         read_records(write_jsonl(data_dir / "d.jsonl", [sample(part("audio", "media/clip.wav"), "?")])), processor
     )
     assert example.input_ids.count(processor.audio_token_id) == processor.process_audio([audio])[1][0]
@@ -341,11 +341,11 @@ def test_audio_rates_and_channels_are_mixed_down_and_resampled(rate, channels, d
 
 def test_silence_is_valid_audio(data_dir, processor):
     soundfile.write(data_dir / "media/silence.wav", np.zeros((8000, 2), np.int16), SAMPLING_RATE)
-    [example], report = prepare_examples(
+    rows, report = prepare_examples(
         read_records(write_jsonl(data_dir / "d.jsonl", [sample(part("audio", "media/silence.wav"), "?")])), processor
     )
-    assert report.skipped == 0
-    item = MMPeftDataset([example], processor)[0]
+    assert report.skipped == 0 and len(rows) == 1
+    item = MMPeftDataset(rows, processor)[0]
     assert item["input_features"].shape[0] == 1 and item["input_features"].isfinite().all()
     silence = np.zeros(8000, np.float32)
     assert item["input_ids"].eq(processor.audio_token_id).sum() == processor.process_audio([silence])[1][0] > 0
@@ -396,7 +396,7 @@ def test_two_hour_audio_is_refused_as_overlong_from_its_header(two_hours, proces
     path = write_jsonl(two_hours / "d.jsonl", [GOOD[0], sample(part("audio", "media/two_hours.wav"), "?"), GOOD[0]])
     tracemalloc.start()
     try:
-        examples, report = prepare_examples(read_records(path), processor, max_length=1024)
+        examples, report = prepared_examples(read_records(path), processor, max_length=1024)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

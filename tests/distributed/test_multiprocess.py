@@ -87,14 +87,19 @@ def launch(config: str, output_dir, *args, env=None):
     return result, ranks[0]
 
 
-def test_ddp_two_processes_mixed_modalities(tmp_path):
+def test_ddp_two_processes_mixed_modalities_data_prepared_once(tmp_path):
     # Without unused-parameter detection DDP fails as soon as a rank's batch lacks a modality, unless every
     # tower still takes part in the step.
-    output = tmp_path / "ddp"
+    output, prepared = tmp_path / "ddp", tmp_path / "prepared"
     result, weights = launch(
-        "cpu_2proc.yaml", output, "--ddp_find_unused_parameters", "false", env={"ACCELERATE_USE_CPU": "true"}
-    )
+        "cpu_2proc.yaml", output, "--ddp_find_unused_parameters", "false", "--prepared_data_dir", str(prepared),
+        env={"ACCELERATE_USE_CPU": "true"},
+    )  # fmt: skip
     assert "DeepSpeed" not in result.stdout + result.stderr
+    # The main process prepared train and eval data once; the other memory-mapped what it wrote.
+    assert "mmpeft: process 0: 2 data sources prepared, 0 reused from the cache" in result.stdout
+    assert "mmpeft: process 1: 0 data sources prepared, 2 reused from the cache" in result.stdout
+    assert len(os.listdir(prepared)) == 2
     reference = MMPeftForConditionalGeneration.from_pretrained(
         json.load(open(output / "adapter_config.json"))["base_model_name_or_path"]
     )

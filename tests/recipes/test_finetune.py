@@ -87,7 +87,7 @@ def test_lora_default_end_to_end(tmp_path):
     base = MMPeftForConditionalGeneration.from_pretrained(adapter["base_model_name_or_path"])
     reloaded = PeftModel.from_pretrained(base, output).eval()
     trained = trainer.model.eval()
-    batch = batch_of(processor, trainer.eval_dataset.examples[:6])
+    batch = batch_of(processor, trainer.eval_dataset.rows.select(range(6)))
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, trained(**batch).logits)
     # The projectors really were trained and saved (not left at their initial weights).
@@ -103,7 +103,7 @@ def test_full_fine_tuning_end_to_end_and_reload(tmp_path):
     )
     assert sum(losses(trainer)[-3:]) < sum(losses(trainer)[:3])
     reloaded = MMPeftForConditionalGeneration.from_pretrained(output).eval()
-    batch = batch_of(MMPeftProcessor.from_pretrained(output), trainer.eval_dataset.examples[:6])
+    batch = batch_of(MMPeftProcessor.from_pretrained(output), trainer.eval_dataset.rows.select(range(6)))
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, trainer.model.eval()(**batch).logits)
     assert (output / "modeling_mmpeft.py").exists()  # loadable with trust_remote_code too

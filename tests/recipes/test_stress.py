@@ -42,7 +42,7 @@ def test_every_sample_is_trained_on_or_skipped_for_its_reason(tmp_path):
         "malformed JSON line: Expecting ',' delimiter at the end of the line": 1,
     }
     # The odd but valid samples are among those trained on, each exactly once.
-    trained = [example.where for example in result["trainer"].train_dataset.examples]
+    trained = list(result["trainer"].train_dataset.rows["where"])
     assert sorted(result["cases"][where] for where in trained if result["cases"][where] != "good") == sorted(
         kept_cases
     )

@@ -21,12 +21,12 @@ def test_datasets_are_mixed_by_weight_and_split_for_eval(tmp_path, tok):
     b = write(tmp_path / "b.jsonl", [f"b{i}" for i in range(10)])
     args = DataArguments(train_data=[a, {"path": b, "weight": 2.5}])
     train, evaluation, reports = load_datasets(args, processor, str(tmp_path / "out"))
-    sources = [example.where.split(".jsonl")[0][-1] for example in train]
+    sources = [where.split(".jsonl")[0][-1] for where in train.rows["where"]]
     assert sources.count("a") == 10 and sources.count("b") == 25  # b: twice over, plus half of it drawn once more
-    assert evaluation == [] and reports[a]["kept"] == 10
+    assert evaluation is None and reports[a]["kept"] == 10
     assert json.loads((tmp_path / "out" / "data_report.json").read_text())[b]["read"] == 10
 
     args = DataArguments(train_data=[a, b], eval_fraction=0.25)
     train, evaluation, _ = load_datasets(args, processor)
     assert len(evaluation) == 5 and len(train) == 15
-    assert not {e.where for e in evaluation} & {e.where for e in train}
+    assert not set(evaluation.rows["where"]) & set(train.rows["where"])

@@ -62,7 +62,7 @@ def test_qlora_trains_saves_and_reloads(bits, tmp_path):
     for part in ("vision_tower", "audio_tower", "vision_projector", "audio_projector"):
         assert set(summary[part]) == {"32-bit"}, part  # encoders not upcast or quantized: as loaded
 
-    examples = trainer.eval_dataset.examples[:4]
+    examples = trainer.eval_dataset.rows.select(range(4))
     processor = MMPeftProcessor.from_pretrained(output)
     expected = logits(trainer.model, processor, examples)
     adapter = json.loads((output / "adapter_config.json").read_text())

@@ -68,7 +68,8 @@ def test_group_by_length_reads_lengths_without_loading_samples(tok, tmp_path):
     )  # fmt: skip
     trainer = MMPeftTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
     sampler = trainer._get_train_sampler()
-    assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == [len(e) for e in examples]
+    expected = [len(dataset.example(index)) for index in range(len(dataset))]
+    assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == expected
     torch.manual_seed(0)
     order = list(sampler)
     assert CountingDataset.loaded == 0 and sorted(order) == list(range(96))
