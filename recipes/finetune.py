@@ -28,6 +28,7 @@ from mmpeft.training import (
     EncoderCheckpointingCallback,
     MMPeftTrainer,
     WandbRunInfoCallback,
+    check_streaming,
     checkpoint_to_resume,
     configure_wandb,
     count_parameters,
@@ -90,9 +91,12 @@ def main(argv=None):
     # Dataset
     ################
     # The main process (of each node, or of all with a shared cache) prepares and caches the data; the others then
-    # memory-map what it wrote.
+    # memory-map what it wrote. With streaming, training data is prepared as it is read, by every process.
+    check_streaming(data_args, training_args)
     with training_args.main_process_first(local=not data_args.prepared_data_shared, desc="preparing the data"):
-        train_dataset, eval_dataset, reports = load_datasets(data_args, processor, training_args.output_dir)
+        train_dataset, eval_dataset, reports = load_datasets(
+            data_args, processor, training_args.output_dir, training_args.process_index, training_args.world_size
+        )
     reused = sum(report["reused"] for report in reports.values())
     rank = training_args.process_index
     print(f"mmpeft: process {rank}: {len(reports) - reused} data sources prepared, {reused} reused from the cache")
@@ -198,7 +202,7 @@ def main(argv=None):
 
 
 def _add_loading_report(output_dir: str, report: SkipReport):
-    """Samples skipped while training read them (media that failed to load), logged
+    """Samples skipped while training read them (media that failed to load; with streaming, any bad sample), logged
     and added to data_report.json."""
     path = os.path.join(output_dir, "data_report.json")
     with open(path) as file:

@@ -7,7 +7,7 @@ from .arguments import (
     TuningArguments,
     parse_args,
 )
-from .builders import configure_wandb, load_datasets, load_model, reference_checkpoint
+from .builders import check_streaming, configure_wandb, load_datasets, load_model, reference_checkpoint
 from .checkpoints import checkpoint_to_resume, latest_complete_checkpoint, remove_incomplete_checkpoints
 from .packing import check_padding_free_attention, use_packed_attention
 from .quantization import describe_precision, precision_summary, quantization_config
@@ -24,6 +24,7 @@ __all__ = [
     "TuningArguments",
     "WandbRunInfoCallback",
     "check_padding_free_attention",
+    "check_streaming",
     "checkpoint_to_resume",
     "configure_wandb",
     "count_parameters",

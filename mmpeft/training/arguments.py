@@ -103,6 +103,18 @@ class DataArguments:
             "prepares. Default: the main process of each node prepares, the others wait and memory-map its result."
         },
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read, prepare and load the training data as training consumes it: no pass over it before the "
+            "first step (needs max_steps; eval_data is prepared as usual). Split across processes and DataLoader "
+            "workers, shuffled in a buffer; validate_media auto means header here."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=1000,
+        metadata={"help": "streaming: samples each reader shuffles among (more = better mixed, more RAM)."},
+    )
     synthetic_train_size: int = field(default=3000, metadata={"help": "Embedded dataset: training samples."})
     synthetic_eval_size: int = field(default=300, metadata={"help": "Embedded dataset: evaluation samples."})
     data_seed_mixing: int = field(default=0, metadata={"help": "Seed of the weighted mixing of several datasets."})

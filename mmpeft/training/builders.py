@@ -9,6 +9,7 @@ import torch
 
 from ..data import MMPeftDataset, generate_synthetic_dataset
 from ..data.preparation import prepare_source
+from ..data.streaming import StreamingDataset
 from ..data.synthetic import VERSION as SYNTHETIC_VERSION
 from ..models import MMPeftForConditionalGeneration, MMPeftProcessor
 from ..reference import build_reference_checkpoint
@@ -65,14 +66,16 @@ def _mix(parts: list[tuple[datasets.Dataset, float]], seed: int) -> datasets.Dat
 
 
 def load_datasets(
-    args: DataArguments, processor, output_dir: str | None = None
-) -> tuple[MMPeftDataset, MMPeftDataset | None, dict]:
+    args: DataArguments, processor, output_dir: str | None = None, rank: int = 0, world_size: int = 1
+) -> tuple[MMPeftDataset | StreamingDataset, MMPeftDataset | None, dict]:
     """`(train_dataset, eval_dataset, reports)` from the configured datasets or the embedded synthetic one.
 
     Each source is prepared once into the cache (`mmpeft.data.preparation.prepare_source`: parallel, reused by
     later runs and by the other processes of this one) and memory-mapped. Bad and over-long samples are raised or
     skipped per the settings, and the skip report of each source is logged (and written to
-    `output_dir/data_report.json`). `eval_dataset` is None without evaluation data.
+    `output_dir/data_report.json`). With `streaming`, the training data is a `StreamingDataset` (this process's
+    share, `rank` of `world_size`), prepared as it is read; evaluation data is prepared as above.
+    `eval_dataset` is None without evaluation data.
     """
     train_specs, eval_specs = args.train_data, args.eval_data
     if not train_specs:
@@ -115,16 +118,48 @@ def load_datasets(
     evaluation = None
     if eval_specs:
         evaluation = datasets.concatenate_datasets([rows for rows, _ in prepare(eval_specs)])
-    train = _mix(prepare(train_specs), args.data_seed_mixing)
-    if evaluation is None and args.eval_fraction:
-        split = train.train_test_split(test_size=args.eval_fraction, seed=args.data_seed_mixing)
-        train, evaluation = split["train"], split["test"]
-    train = dataset(train)
+    if args.streaming:
+        train = StreamingDataset(
+            [(spec["path"], spec["split"]) for spec in train_specs],
+            processor,
+            rank=rank,
+            world_size=world_size,
+            seed=args.data_seed_mixing,
+            shuffle_buffer_size=args.shuffle_buffer_size,
+            validate_media="header" if args.validate_media == "auto" else args.validate_media,
+            **settings,
+        )
+    else:
+        train = _mix(prepare(train_specs), args.data_seed_mixing)
+        if evaluation is None and args.eval_fraction:
+            split = train.train_test_split(test_size=args.eval_fraction, seed=args.data_seed_mixing)
+            train, evaluation = split["train"], split["test"]
+        train = dataset(train)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "data_report.json"), "w") as file:
             json.dump(reports, file, indent=2)
     return train, None if evaluation is None else dataset(evaluation), reports
+
+
+def check_streaming(data_args: DataArguments, training_args: MMPeftTrainingArguments):
+    """Refuse, naming the alternative, the settings that need the whole training data up front."""
+    if not data_args.streaming:
+        return
+    if training_args.max_steps <= 0:
+        raise ValueError("streaming: the data's size is unknown up front, so give max_steps (not num_train_epochs).")
+    if training_args.train_sampling_strategy == "group_by_length":
+        raise ValueError(
+            "streaming: group_by_length needs every sample's length up front; use padding_free: true to spend "
+            "nothing on padding instead, or streaming: false."
+        )
+    if any(spec["weight"] != 1.0 for spec in data_args.train_data):
+        raise ValueError(
+            "streaming: mixing weights need each dataset's size; streamed datasets are read one after another "
+            "(shuffled within shuffle_buffer_size). Use streaming: false to mix by weight."
+        )
+    if data_args.eval_fraction:
+        raise ValueError("streaming: eval_fraction needs the data's size; give eval_data instead.")
 
 
 def configure_wandb(training_args: MMPeftTrainingArguments, tuning_args: TuningArguments) -> None:
@@ -154,4 +189,4 @@ def _wandb_logged_in() -> bool:
     return os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read()
 
 
-__all__ = ["configure_wandb", "load_datasets", "load_model", "reference_checkpoint"]
+__all__ = ["check_streaming", "configure_wandb", "load_datasets", "load_model", "reference_checkpoint"]

@@ -13,6 +13,7 @@ import time
 import psutil
 import torch
 import torch.nn.functional as F
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -22,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..data import MMPeftDataCollator, MMPeftDataset
 from ..data.dataset import IGNORE_INDEX, SkipReport
+from ..data.streaming import StreamingDataset
 from ..metrics import compute_metrics
 from .checkpoints import mark_complete
 from .packing import check_padding_free_attention, use_packed_attention
@@ -197,6 +199,24 @@ class MMPeftTrainer(Trainer):
         if "labels" in inputs and self.label_smoother is None and self.compute_loss_func is None:
             inputs = logits_for_labels_only(inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Trainer's loader, except for a `StreamingDataset`: it splits its records across processes itself, so its
+        loader is prepared for this process alone (Accelerate would otherwise split the stream again, keeping
+        1 / processes of each process's share)."""
+        if not isinstance(self.train_dataset, StreamingDataset):
+            return super().get_train_dataloader()
+        loader = DataLoader(
+            self.train_dataset,
+            batch_size=self._train_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
+        )
+        return prepare_data_loader(
+            loader, self.args.device, num_processes=1, process_index=0, put_on_device=True, dispatch_batches=False
+        )
 
     def _prepare_inputs(self, inputs):
         """Trainer's device placement, after counting the samples the batch's dataset replaced."""

@@ -119,6 +119,18 @@ def test_ddp_padding_free_packs_each_ranks_samples(tmp_path):
     assert len(losses) == 8 and all(0 < float(loss) < 20 for loss in losses)
 
 
+def test_ddp_streaming_splits_the_stream_and_trains_to_max_steps(tmp_path):
+    # Each rank prepares its own share of the records as it reads them; only the eval data is prepared up front.
+    result, _ = launch(
+        "cpu_2proc.yaml", tmp_path / "ddp-stream", "--streaming", "true", "--shuffle_buffer_size", "8",
+        "--prepared_data_dir", str(tmp_path / "prepared"), env={"ACCELERATE_USE_CPU": "true"},
+    )  # fmt: skip
+    assert "mmpeft: process 0: 1 data sources prepared, 0 reused from the cache" in result.stdout
+    assert "mmpeft: process 1: 0 data sources prepared, 1 reused from the cache" in result.stdout
+    losses = [json.loads(line.replace("'", '"'))["loss"] for line in result.stdout.splitlines() if "'loss'" in line]
+    assert len(losses) == 8 and all(0 < float(loss) < 20 for loss in losses)
+
+
 def test_ddp_resume_from_a_checkpoint_is_bit_exact(tmp_path):
     # Two processes: an 8-step run saving at step 4, and a run resumed from that checkpoint in another folder.
     env, saving = {"ACCELERATE_USE_CPU": "true"}, ["--save_strategy", "steps", "--save_steps", "4"]
