@@ -118,19 +118,20 @@ def tokenize_conversation(processor, conversation: list[dict]) -> tuple[list[int
     control_tokens, _ = _get_control_token_patterns(tokenizer._get_control_tokens(processor.chat_template))
     view = mark_control_tokens(_template_view(conversation), control_tokens)
 
-    def encode(messages, add_generation_prompt=False):
-        text = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-        return tokenizer(text, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"]
-
-    input_ids = encode(view)
+    # Every prefix is rendered and tokenized in two batched calls, each rendered once (the conversation itself is
+    # the last prefix ending with an answer when it ends with one): tokenizing is most of a sample's preparation.
+    answers = [turn for turn, message in enumerate(view) if message["role"] == "assistant"]
+    ends = [view[: turn + 1] for turn in answers if turn != len(view) - 1] + [view]
+    prompts = [view[:turn] for turn in answers]
+    texts = processor.apply_chat_template(ends, tokenize=False)
+    texts += processor.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False) if prompts else []
+    encoded = tokenizer(texts, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"]
+    input_ids, prefixes, starts = encoded[len(ends) - 1], encoded[: len(ends) - 1] + [None], encoded[len(ends) :]
     labels = [IGNORE_INDEX] * len(input_ids)
     prompt_length = 0
-    for turn, message in enumerate(view):
-        if message["role"] != "assistant":
-            continue
-        # Each prefix rendered once (the whole conversation is one): rendering is most of a sample's preparation.
-        prefix = input_ids if turn == len(view) - 1 else encode(view[: turn + 1])
-        start, end = len(encode(view[:turn], add_generation_prompt=True)), len(prefix)
+    for turn, prefix, prompt in zip(answers, prefixes, starts):
+        prefix = input_ids if prefix is None else prefix
+        start, end = len(prompt), len(prefix)
         if input_ids[:end] != prefix or start > end:
             raise ValueError("the chat template does not render a conversation prefix as a prefix of the whole")
         labels[start:end] = input_ids[start:end]
