@@ -106,7 +106,7 @@ def prepare_source(
     os.makedirs(cache_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{name}-{key}-", dir=cache_dir)
     try:
-        records, to_records = _records(source, split, allow_outside, os.path.join(work, "records"))
+        records, to_records = _records(source, split, allow_outside, os.path.join(work, "records"), key)
         if validate_media == "auto":
             validate_media = "decode" if len(records) <= AUTO_DECODE_MAX_RECORDS else "header"
             logger.info(
@@ -159,7 +159,7 @@ def prepare_source(
     return PreparedSource(rows, report, entry, reused=False)
 
 
-def _records(source: str, split: str, allow_outside: bool, work: str):
+def _records(source: str, split: str, allow_outside: bool, work: str, key: str):
     """`(records, to_records)`: a `datasets.Dataset` with one row per record of `source`, and the function that
     turns a batch of its rows into `Record`s.
 
@@ -180,7 +180,7 @@ def _records(source: str, split: str, allow_outside: bool, work: str):
         {"file": datasets.Value("string"), "where": datasets.Value("string"), "raw": datasets.Value("binary")}
     )
     records = datasets.Dataset.from_generator(
-        _raw_records, features=features, gen_kwargs={"files": files}, cache_dir=work, fingerprint=f"raw-{id(work)}"
+        _raw_records, features=features, gen_kwargs={"files": files}, cache_dir=work, fingerprint=f"raw-{key}"
     )
     return records, _RawRecords(allow_outside)
 

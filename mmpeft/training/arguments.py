@@ -122,6 +122,10 @@ class DataArguments:
     def __post_init__(self):
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
+            raise ValueError(f"preprocessing_num_workers must be >= 1, got {self.preprocessing_num_workers}")
+        if self.shuffle_buffer_size < 1:
+            raise ValueError(f"shuffle_buffer_size must be >= 1 (1: no shuffling), got {self.shuffle_buffer_size}")
         self.train_data = [_dataset_spec(spec, "train_data") for spec in self.train_data]
         self.eval_data = [_dataset_spec(spec, "eval_data") for spec in self.eval_data]
 
