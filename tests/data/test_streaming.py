@@ -94,3 +94,20 @@ def test_settings_that_need_the_whole_data_are_refused_with_streaming(setting, m
     glob = write_shards(tmp_path / "shards")
     with pytest.raises(ValueError, match=message):
         finetune.main([*TINY, "--train_data", glob, "--streaming", "true", "--max_steps", "4", *setting])
+
+
+def test_resuming_a_streamed_run_continues_where_it_stopped(tmp_path):
+    # 8 steps saving at 4, against a run resumed from that checkpoint: the same stream order, the same weights.
+    glob = write_shards(tmp_path / "shards", shards=2, per_shard=40)
+    args = [*TINY, "--train_data", glob, "--streaming", "true", "--max_steps", "8", "--report_to", "none",
+            "--save_strategy", "steps", "--save_steps", "4", "--lora_dropout", "0"]  # fmt: skip
+    whole = finetune.main([*args, "--output_dir", str(tmp_path / "whole")])
+    resumed = finetune.main(
+        [*args, "--output_dir", str(tmp_path / "resumed"),
+         "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-4")]
+    )  # fmt: skip
+    assert resumed.state.global_step == 8
+    expected = {name: p for name, p in whole.model.named_parameters() if p.requires_grad}
+    for name, parameter in resumed.model.named_parameters():
+        if parameter.requires_grad:
+            assert torch.equal(parameter, expected[name]), name
