@@ -116,8 +116,9 @@ def logits_for_labels_only(inputs: dict) -> dict:
 class MMPeftTrainer(Trainer):
     """Trainer that also generates answers for the eval set and scores them.
 
-    Samples that the datasets replaced because their media failed to load (`on_bad_sample: skip`) are counted in
-    `load_report` (`loading_report()` gathers every process's).
+    Samples skipped while loading (`on_bad_sample: skip`: media that failed to load, and with streaming any bad
+    sample; the batch's `skipped_samples`) are counted in `load_report` (`loading_report()` gathers every
+    process's).
 
     Args:
         generation_dataset: an `MMPeftDataset` in `"generate"` mode of the eval samples to generate answers for (the
@@ -225,7 +226,7 @@ class MMPeftTrainer(Trainer):
         return super()._prepare_inputs(inputs)
 
     def loading_report(self) -> SkipReport:
-        """Samples replaced while loading, by every process (call it on all of them)."""
+        """Samples skipped while loading, by every process (call it on all of them)."""
         report = SkipReport()
         for reasons, where in gather_object([(dict(self.load_report.reasons), self.load_report.where)]):
             for reason, count in reasons.items():
@@ -236,7 +237,7 @@ class MMPeftTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         """Trainer's sampler, except that `train_sampling_strategy: group_by_length` takes each sample's length from
-        its example: the Trainer would load every sample (and decode its media) to measure it."""
+        the rows' length column: the Trainer would load every sample (and decode its media) to measure it."""
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, MMPeftDataset):
             batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
