@@ -1,6 +1,6 @@
 """mmpeft against what a user would pick instead: training samples/s and peak memory on the same data.
 
-    python recipes/benchmark.py                          # ~7 minutes on 2 CPU cores (each run twice, best kept)
+    python recipes/benchmark.py                          # ~10 minutes on 2 CPU cores (each run twice, best kept)
     python recipes/benchmark.py --lm-vocab 0             # the LM's vocabulary cut to the tokenizer's 512
     python recipes/benchmark.py --peak-tflops 989        # on a GPU: adds MFU against that peak (H100 bf16 dense)
     python recipes/benchmark.py --quick                  # seconds: tiniest sizes, 2 steps (what the test runs)
@@ -18,7 +18,8 @@ Both sides of a pair get the same generated samples (identical token ids, images
 steps, seed and thread count: LoRA on the LM's attention and MLP linears, the projector trained fully
 (`modules_to_save`), towers frozen, AdamW, fp32. mmpeft trains the way its recipe does (`MMPeftDataset`,
 `MMPeftDataCollator`, `setup_tuning`, `MMPeftTrainer`); the baselines with `Trainer`, their processors'
-image processor / feature extractor run per sample as mmpeft's are, and a plain padding collate function.
+image processor / feature extractor run per sample as mmpeft's are, and a plain padding collate function. Both
+decode each image and clip from the same encoded bytes (PNG, WAV) at every step.
 Text lengths are skewed (most answers short, a fifth long), the case padding-free batches are for: a third
 run per pair trains mmpeft padding-free on the same data.
 
