@@ -80,7 +80,8 @@ def prepare_source(
 ) -> PreparedSource:
     """Rows of every record of `source` (memory-mapped from the cache) and its skip report, prepared now or reused.
 
-    Bad samples raise `BadSampleError` naming the record and field, or are skipped and counted, per the settings.
+    Bad samples raise `BadSampleError` naming the record and field, or are skipped and counted, per the settings;
+    a source with no usable sample raises `ValueError` with its skip report.
     `validate_media: auto` decodes every media file up to `AUTO_DECODE_MAX_RECORDS` records and reads headers
     only above (logged).
     """
@@ -107,6 +108,8 @@ def prepare_source(
     work = tempfile.mkdtemp(prefix=f".{name}-{key}-", dir=cache_dir)
     try:
         records, to_records = _records(source, split, allow_outside, os.path.join(work, "records"), key)
+        if not len(records):
+            raise ValueError(f"{source}: holds no samples")
         if validate_media == "auto":
             validate_media = "decode" if len(records) <= AUTO_DECODE_MAX_RECORDS else "header"
             logger.info(
@@ -132,6 +135,8 @@ def prepare_source(
             desc=f"Preparing {name}",
         )
         report = _skip_report(rows, len(records))
+        if not report.kept:  # (an empty dataset cannot even be saved and loaded back)
+            raise ValueError(f"{source}: no usable samples ({report.summary(source)})")
         if report.skipped:
             rows = rows.filter(lambda reasons: [r is None for r in reasons], input_columns="skip_reason", batched=True)
         rows = rows.remove_columns(list(_SKIP_COLUMNS))
@@ -179,6 +184,8 @@ def _records(source: str, split: str, allow_outside: bool, work: str, key: str):
     features = datasets.Features(
         {"file": datasets.Value("string"), "where": datasets.Value("string"), "raw": datasets.Value("binary")}
     )
+    if next(_raw_records(files), None) is None:  # `from_generator` would fail obscurely on nothing
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features), None
     records = datasets.Dataset.from_generator(
         _raw_records, features=features, gen_kwargs={"files": files}, cache_dir=work, fingerprint=f"raw-{key}"
     )

@@ -107,8 +107,6 @@ def load_datasets(
             rows, report = prepared.rows, prepared.report
             logger.info(report.summary(spec["path"]))
             reports[spec["path"]] = {**report.to_dict(), "prepared_data": prepared.path, "reused": prepared.reused}
-            if not len(rows):
-                raise ValueError(f"{spec['path']}: no usable samples ({report.summary(spec['path'])})")
             parts.append((rows, spec["weight"]))
         return parts
 

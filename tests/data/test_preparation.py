@@ -184,3 +184,13 @@ def test_parquet_and_saved_datasets_with_media_bytes(data, processor, tmp_path):
     expected = processor.image_processor([Image.open(io.BytesIO(png())).convert("RGB")], return_tensors="pt")
     assert torch.equal(item["pixel_values"], expected["pixel_values"])
     assert "input_features" in MMPeftDataset(from_saved, processor)[1]
+
+
+def test_a_source_without_usable_samples_is_a_clear_error(tmp_path, processor):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match=r"empty.jsonl: holds no samples"):
+        prepare(tmp_path / "empty.jsonl", processor, tmp_path / "cache")
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl: no usable samples \(.*read 1 samples, kept 0, skipped 1"):
+        prepare(tmp_path / "bad.jsonl", processor, tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())  # nothing half-made left behind
