@@ -76,6 +76,8 @@ def launch(config: str, output_dir, *args, env=None):
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=420, env={**os.environ, **(env or {})}, cwd=output_dir.parent
     )
+    if result.returncode != 0:  # printed whole (pytest shortens assertion messages): why a process died
+        print(f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-12000:]}")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     for rank in (0, 1):
         assert f"mmpeft: process {rank} of 2" in result.stdout
