@@ -1,4 +1,5 @@
-"""Data: dataset formats -> canonical conversations -> validated examples -> batches."""
+"""Data: dataset formats -> records -> prepared rows (cached, memory-mapped, or streamed) -> model inputs -> batches
+(see mmpeft/ARCHITECTURE.md)."""
 
 from .collator import MMPeftDataCollator
 from .dataset import Example, MMPeftDataset, SkipReport, prepare_examples
