@@ -104,7 +104,11 @@ def main(argv=None):
     if eval_dataset is not None:
         count = min(len(eval_dataset), training_args.generation_num_samples or len(eval_dataset))
         generation_dataset = MMPeftDataset(
-            eval_dataset.rows.select(range(count)), processor, "generate", data_args.on_bad_sample
+            eval_dataset.rows.select(range(count)),
+            processor,
+            "generate",
+            data_args.on_bad_sample,
+            data_args.media_policy,
         )
 
     ################

@@ -5,6 +5,7 @@ from .collator import MMPeftDataCollator
 from .dataset import Example, MMPeftDataset, SkipReport, prepare_examples
 from .formats import BadSampleError, Record, read_records, to_conversation
 from .media import MediaError, load_audio, load_image
+from .sources import MediaPolicy
 from .synthetic import generate_synthetic_dataset
 
 
@@ -14,6 +15,7 @@ __all__ = [
     "MMPeftDataCollator",
     "MMPeftDataset",
     "MediaError",
+    "MediaPolicy",
     "Record",
     "SkipReport",
     "generate_synthetic_dataset",

@@ -28,6 +28,7 @@ from transformers.utils.chat_template_utils import _get_control_token_patterns, 
 
 from .formats import BadSampleError, Record, to_conversation
 from .media import MediaError, audio_length, check_image, load_audio, load_image
+from .sources import MediaPolicy, check_budget, check_unchanged, fetch, is_remote
 
 
 logger = logging.getLogger(__name__)
@@ -218,6 +219,12 @@ def make_row(
             raise BadSampleError(
                 record.where, f"has {kind} input but the model has no {kind} modality", media[kind][0][1]
             )
+    policy = record.policy
+    if policy.allow_remote:  # fetched once, here: the row keeps the bytes, training never fetches
+        media = {
+            kind: [(_fetched(source, record.where, field_name, policy), field_name) for source, field_name in items]
+            for kind, items in media.items()
+        }
     sampling_rate = processor.feature_extractor.sampling_rate if media["audio"] else None
     audio_lengths = [
         _read_media(record.where, field_name, audio_length, source, sampling_rate)
@@ -243,10 +250,16 @@ def make_row(
     if max_length is not None and num_tokens > max_length:
         raise OverlongError(record.where, f"longer than max_length ({num_tokens} > {max_length} tokens)")
 
-    if validate_media != "none":
-        for source, field_name in media["image"]:
-            _read_media(record.where, field_name, load_image if validate_media == "decode" else check_image, source)
+    # The per-sample budget, from headers, before anything is decoded (with validate_media: none image headers are
+    # not read here; `load_item` checks the budget again before decoding in any case).
+    image_sizes = [
+        _read_media(record.where, field_name, check_image, source)
+        for source, field_name in (media["image"] if validate_media != "none" else [])
+    ]
+    _read_media(record.where, None, check_budget, image_sizes, [n / sampling_rate for n in audio_lengths], policy)
     if validate_media == "decode":
+        for source, field_name in media["image"]:
+            _read_media(record.where, field_name, load_image, source)
         for (source, field_name), length in zip(media["audio"], audio_lengths):
             decoded = _read_media(record.where, field_name, load_audio, source, sampling_rate).shape[0]
             if decoded != length:  # the token count above came from the header
@@ -291,6 +304,13 @@ def _reference(source, field_name: str) -> dict:
     else:
         raise TypeError(f"{field_name}: unsupported media source of type {type(source).__name__}")
     return {"path": path, "bytes": data, "field": field_name}
+
+
+def _fetched(source, where: str, field_name: str, policy: MediaPolicy):
+    """A remote source as `{"bytes": <its body>, "path": <its URL>}` (other sources as they are)."""
+    if not is_remote(source):
+        return source
+    return {"bytes": _read_media(where, field_name, fetch, source, policy), "path": source}
 
 
 def _source(reference: dict):
@@ -404,6 +424,7 @@ class MMPeftDataset(torch.utils.data.Dataset):
         processor: the model's `MMPeftProcessor`.
         mode: `"train"` or `"generate"`.
         on_bad_sample: `"error"` or `"skip"`.
+        media_policy: the per-sample media budget checked (again) before decoding (`mmpeft.data.sources`).
     """
 
     def __init__(
@@ -412,8 +433,10 @@ class MMPeftDataset(torch.utils.data.Dataset):
         processor,
         mode: Literal["train", "generate"] = "train",
         on_bad_sample: Literal["error", "skip"] = "error",
+        media_policy: MediaPolicy = MediaPolicy(),
     ):
         self.rows, self.processor, self.mode, self.on_bad_sample = rows, processor, mode, on_bad_sample
+        self.media_policy = media_policy
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -444,7 +467,7 @@ class MMPeftDataset(torch.utils.data.Dataset):
         for attempt in range(MAX_CONSECUTIVE_LOAD_FAILURES):
             row = self.rows[(index + attempt) % len(self.rows)]
             try:
-                item = load_item(row, self.processor, prompt_only=self.mode == "generate")
+                item = load_item(row, self.processor, self.mode == "generate", self.media_policy)
             except BadSampleError as error:
                 if self.on_bad_sample == "error":
                     raise
@@ -462,10 +485,11 @@ class MMPeftDataset(torch.utils.data.Dataset):
         )
 
 
-def load_item(row: dict, processor, prompt_only: bool = False) -> dict:
+def load_item(row: dict, processor, prompt_only: bool = False, media_policy: MediaPolicy = MediaPolicy()) -> dict:
     """Model inputs of one row: expanded `input_ids` (and `labels` unless `prompt_only`), `pixel_values` and the
-    audio features. Raises `BadSampleError` naming the row and field when a media item fails to load, or no longer
-    matches the token count it was prepared with (a file changed since)."""
+    audio features. Raises `BadSampleError` naming the row and field when a media item fails to load, is over the
+    policy's per-sample budget, is now reached through a symbolic link, or no longer matches the token count it
+    was prepared with (a file changed since)."""
     input_ids, labels = expand_row(row, processor, prompt_only)
     images, audio = row["images"], row["audio"]
     if prompt_only:
@@ -474,23 +498,38 @@ def load_item(row: dict, processor, prompt_only: bool = False) -> dict:
     item = {"input_ids": torch.from_numpy(input_ids)}
     if not prompt_only:
         item["labels"] = torch.from_numpy(labels)
+    where = row["where"]
+    for ref in images + audio:
+        if ref["bytes"] is None:
+            _read_media(where, ref["field"], check_unchanged, ref["path"])
+    # Headers first: the budget (and each clip's token count) holds before anything is decoded, whatever happened
+    # to the files since preparation.
+    sampling_rate = processor.feature_extractor.sampling_rate if audio else None
+    lengths = [_read_media(where, ref["field"], audio_length, _source(ref), sampling_rate) for ref in audio]
+    for ref, length, expected in zip(audio, lengths, row["audio_tokens"]):
+        _read_media(where, ref["field"], _check_audio_tokens, processor, length, expected)
+    sizes = [_read_media(where, ref["field"], check_image, _source(ref)) for ref in images]
+    _read_media(where, None, check_budget, sizes, [length / sampling_rate for length in lengths], media_policy)
     if images:
-        loaded = [_read_media(row["where"], ref["field"], load_image, _source(ref)) for ref in images]
+        loaded = [_read_media(where, ref["field"], load_image, _source(ref)) for ref in images]
         item["pixel_values"] = processor.image_processor(loaded, return_tensors="pt")["pixel_values"]
     if audio:
-        sampling_rate = processor.feature_extractor.sampling_rate
-        clips = [_read_media(row["where"], ref["field"], load_audio, _source(ref), sampling_rate) for ref in audio]
-        features, tokens = processor.process_audio(clips)
-        for ref, clip_tokens, expected in zip(audio, tokens, row["audio_tokens"]):
-            if clip_tokens != expected:
-                raise BadSampleError(
-                    row["where"],
-                    f"audio gives {clip_tokens} tokens but was prepared with {expected}: the file changed since the "
-                    "data was prepared (prepare it again)",
-                    ref["field"],
-                )
+        clips = [_read_media(where, ref["field"], load_audio, _source(ref), sampling_rate) for ref in audio]
+        features, _ = processor.process_audio(clips)  # `load_audio` checked each clip's length against its header
         item.update({name: torch.from_numpy(value) for name, value in features.items()})
     return item
+
+
+def _check_audio_tokens(processor, num_samples: int, expected: int):
+    try:
+        tokens = processor.num_audio_tokens_for_samples(num_samples)
+    except ValueError as error:  # too short for a single token now
+        raise MediaError(str(error)) from error
+    if tokens != expected:
+        raise MediaError(
+            f"audio gives {tokens} tokens but was prepared with {expected}: the file changed since the data was "
+            "prepared (prepare it again)"
+        )
 
 
 __all__ = [

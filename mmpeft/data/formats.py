@@ -23,6 +23,9 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
+from .media import MediaError
+from .sources import MediaPolicy, resolve_media
+
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 PLACEHOLDER = re.compile(r"(<image>|<audio>)")
@@ -50,39 +53,17 @@ class Record:
 
     data: dict
     where: str  # "path/train.jsonl:12" or "dataset-name[12]"
-    base_dir: str | None = None  # folder that relative media paths are resolved against
-    allow_outside: bool = False  # accept media paths outside base_dir (absolute, or escaping with "..")
+    base_dir: str | None = None  # folder that relative media paths are resolved against (None: a Hub dataset)
+    policy: MediaPolicy = MediaPolicy()  # what its media may reference (`mmpeft.data.sources`)
     error: str | None = None  # why the raw sample could not even be parsed (malformed JSON line)
 
 
-def _resolve(path, record: "Record", field_name: str) -> str:
-    """`path` resolved against the record's data folder. Paths that leave that folder (absolute ones, or
-    `../` escapes) are refused unless `record.allow_outside`: a dataset must not read arbitrary files."""
-    if not isinstance(path, str) or not path or "\0" in path:
-        raise BadSampleError(
-            record.where, f"media path must be a non-empty string without NUL: {path!r:.80}", field_name
-        )
-    if path.startswith(("http://", "https://")) or record.base_dir is None:
-        return path
-    resolved = os.path.realpath(os.path.join(record.base_dir, path))
-    root = os.path.realpath(record.base_dir)
-    if not record.allow_outside and os.path.commonpath([resolved, root]) != root:
-        raise BadSampleError(
-            record.where,
-            f"media path {path!r} is outside the data folder {root} (set allow_media_outside_data_dir to allow)",
-            field_name,
-        )
-    return resolved
-
-
 def _media_source(source, record: Record, field_name: str):
-    """`source` with any file path in it resolved (and checked) against the record's data folder."""
-    if isinstance(source, str):
-        return _resolve(source, record, field_name)
-    if isinstance(source, dict) and source.get("bytes") is None and source.get("array") is None:
-        # `{"path": ...}` as `datasets` stores undecoded media: the path is read, so it is checked too.
-        return _resolve(source.get("path"), record, field_name)
-    return source  # bytes, arrays or decoded images: no file is read
+    """`source` as `resolve_media` allows it under the record's policy, or a `BadSampleError` naming the field."""
+    try:
+        return resolve_media(source, record.base_dir, record.policy)
+    except MediaError as error:
+        raise BadSampleError(record.where, str(error), field_name) from error
 
 
 def _media_part(kind: str, part: dict, record: Record, field_name: str) -> dict:
@@ -225,7 +206,7 @@ def is_saved_dataset(source: str) -> bool:
     return any(os.path.exists(os.path.join(source, name)) for name in ("dataset_info.json", "dataset_dict.json"))
 
 
-def parse_line(line: bytes, where: str, base_dir: str, allow_outside: bool, first: bool = False) -> Record:
+def parse_line(line: bytes, where: str, base_dir: str, policy: MediaPolicy, first: bool = False) -> Record:
     """The record of one JSONL line. A malformed line (or one that is not UTF-8) becomes a record whose conversion
     fails naming the line, so that it is counted (or raised) like any other bad sample."""
     try:
@@ -238,7 +219,7 @@ def parse_line(line: bytes, where: str, base_dir: str, allow_outside: bool, firs
         return Record(None, where, base_dir, error=f"malformed JSON line: {error.msg} at {at}")
     except ValueError as error:  # valid JSON that Python refuses (an integer of 5000 digits)
         return Record(None, where, base_dir, error=f"malformed JSON line: {error}")
-    return Record(data, where, base_dir, allow_outside)
+    return Record(data, where, base_dir, policy)
 
 
 def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
@@ -262,31 +243,32 @@ def read_json_items(path: str) -> list:
     return items
 
 
-def read_records(source: str, split: str = "train", allow_outside: bool = False) -> Iterator[Record]:
+def read_records(source: str, split: str = "train", policy: MediaPolicy = MediaPolicy()) -> Iterator[Record]:
     """Records of JSONL / JSON / Parquet files (a file, a glob or a folder), or of a `datasets` dataset (a
     `save_to_disk` folder or a Hub id) split, in order, one at a time.
 
-    Media paths must stay inside the data file's folder (or the dataset folder) unless `allow_outside`.
+    Media references are held to `policy` (`mmpeft.data.sources`: paths inside the data file's folder, or the
+    dataset folder, and no URLs unless it allows them).
     """
     files = data_files(source)
     if files is None:
-        yield from _read_dataset(source, split, allow_outside)
+        yield from _read_dataset(source, split, policy)
         return
     for path in files:
         base_dir = os.path.dirname(path)
         if path.endswith(".jsonl"):
             for number, line in read_lines(path):
-                yield parse_line(line, f"{path}:{number}", base_dir, allow_outside, first=number == 1)
+                yield parse_line(line, f"{path}:{number}", base_dir, policy, first=number == 1)
         elif path.endswith(".json"):
             for index, item in enumerate(read_json_items(path)):
-                yield Record(item, f"{path}[{index}]", base_dir, allow_outside)
+                yield Record(item, f"{path}[{index}]", base_dir, policy)
         else:
             import pyarrow.parquet
 
             index = 0
             for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=1024):
                 for item in batch.to_pylist():
-                    yield Record(item, f"{path}[{index}]", base_dir, allow_outside)
+                    yield Record(item, f"{path}[{index}]", base_dir, policy)
                     index += 1
 
 
@@ -307,10 +289,10 @@ def load_hf_dataset(source: str, split: str):
     return dataset
 
 
-def _read_dataset(source: str, split: str, allow_outside: bool) -> Iterator[Record]:
+def _read_dataset(source: str, split: str, policy: MediaPolicy) -> Iterator[Record]:
     base_dir = source if os.path.isdir(source) else None
     for index, item in enumerate(load_hf_dataset(source, split)):
-        yield Record(item, f"{source}[{split}][{index}]", base_dir, allow_outside)
+        yield Record(item, f"{source}[{split}][{index}]", base_dir, policy)
 
 
 __all__ = [

@@ -1,9 +1,10 @@
 """Reading images and audio for training: PIL for images, soundfile for audio (not `datasets`' Audio decoding,
 which needs torchcodec and fails with CPU torch).
 
-A media source is one of: a path (already resolved against its data file), an `http(s)://` URL (images),
-raw bytes, a `PIL.Image`, a `{"bytes": ..., "path": ...}` dict (what `datasets` stores with `decode=False`) or,
-for audio, a `{"array": ..., "sampling_rate": ...}` dict. Every failure raises `MediaError` with the reason.
+A media source is one of: a path (already resolved and checked by `mmpeft.data.sources`, which also fetches
+remote media into bytes), raw bytes, a `PIL.Image`, a `{"bytes": ...}` dict (as `datasets` stores media with
+`decode=False`) or, for audio, a `{"array": ..., "sampling_rate": ...}` dict. Every failure raises `MediaError`
+with the reason.
 
 Hostile files are refused before they cost memory: an image's size is checked from its header before its
 pixels are decoded (`MAX_IMAGE_PIXELS`), an audio clip's length can be read from its header alone
@@ -44,14 +45,14 @@ class MediaError(ValueError):
 
 def _open_source(source):
     """Bytes buffer or path for a file-like source."""
-    if isinstance(source, dict):
-        if source.get("bytes") is not None:
-            return _open_source(source["bytes"])
-        source = source.get("path")
+    if isinstance(source, dict):  # {"bytes": ...}: a path beside them is only a name (`mmpeft.data.sources`)
+        source = source.get("bytes")
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise MediaError("media bytes are empty (0 bytes)")
         return io.BytesIO(source)
+    if isinstance(source, str) and "://" in source:
+        raise MediaError(f"{source:.200} is a URL: media are read from files or bytes here (see mmpeft.data.sources)")
     if isinstance(source, (str, os.PathLike)):
         if not os.path.exists(source):
             raise MediaError(f"file not found: {source}")
@@ -71,13 +72,6 @@ def load_image(source) -> Image.Image:
     """
     if isinstance(source, Image.Image):  # already decoded by its producer: nothing left to guard
         return _to_rgb(source)
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
-        from transformers.image_utils import load_image as load_url
-
-        try:
-            return load_url(source).convert("RGB")
-        except Exception as error:
-            raise MediaError(f"cannot download image {source}: {error}") from error
     image = _open_image(source)
     try:
         image.load()
@@ -89,8 +83,8 @@ def load_image(source) -> Image.Image:
 def check_image(source) -> tuple[int, int]:
     """`(width, height)` of an image, from its header only: the format is known, the file is there, not empty and
     not over `MAX_IMAGE_PIXELS`. A file that breaks off after its header passes (`load_image` finds it)."""
-    if isinstance(source, Image.Image) or (isinstance(source, str) and source.startswith(("http://", "https://"))):
-        return load_image(source).size  # nothing to read a header from: decoded, or fetched whole anyway
+    if isinstance(source, Image.Image):
+        return source.size  # decoded by its producer: no header to read
     with _open_image(source) as image:
         return image.size
 

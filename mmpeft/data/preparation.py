@@ -7,8 +7,8 @@ and saves it under the cache folder, named by a fingerprint of everything the ro
 - the source: each data file's path, size and modification time (a `datasets` folder's files; a Hub dataset's
   own fingerprint);
 - the processor: its settings, its tokenizer's vocabulary and its chat template;
-- the data settings: split, `max_length`, `on_bad_sample`, `on_overlong`, `validate_media`, the media-path rule,
-  the image pixel limit, and `PREPARATION_VERSION`.
+- the data settings: split, `max_length`, `on_bad_sample`, `on_overlong`, `validate_media`, the media policy
+  (`mmpeft.data.sources`), the image pixel limit, and `PREPARATION_VERSION`.
 
 A later run with the same fingerprint memory-maps the saved rows (and its skip report) instead of preparing them;
 any change prepares anew. A cache entry is written to a temporary folder and renamed into place, so an entry is
@@ -16,6 +16,7 @@ complete or absent, never half-written. Media files are referenced, not part of 
 length changed after preparation is caught when it is loaded (`mmpeft.data.dataset.load_item`).
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,12 +31,13 @@ import datasets
 from . import media
 from .dataset import ROW_FEATURES, SkipReport, prepare_row
 from .formats import Record, data_files, is_saved_dataset, load_hf_dataset, parse_line, read_json_items, read_lines
+from .sources import MediaPolicy
 
 
 logger = logging.getLogger(__name__)
 
 # Bump when what a row holds or how it is computed changes: every cached entry is prepared again.
-PREPARATION_VERSION = 1
+PREPARATION_VERSION = 2
 
 # `validate_media: auto`: decode every file below this many records (a few minutes of decoding on a few cores
 # for LLaVA-style images), read headers only above it.
@@ -75,7 +77,7 @@ def prepare_source(
     on_bad_sample: str = "error",
     on_overlong: str = "skip",
     validate_media: str = "auto",
-    allow_outside: bool = False,
+    media_policy: MediaPolicy = MediaPolicy(),
     num_workers: int | None = None,
 ) -> PreparedSource:
     """Rows of every record of `source` (memory-mapped from the cache) and its skip report, prepared now or reused.
@@ -91,7 +93,7 @@ def prepare_source(
         "on_bad_sample": on_bad_sample,
         "on_overlong": on_overlong,
         "validate_media": validate_media,
-        "allow_outside": allow_outside,
+        "media_policy": dataclasses.asdict(media_policy),
     }
     key = fingerprint(source, processor, settings)
     name = os.path.basename(os.path.normpath(source.split("*")[0])) or "data"
@@ -107,7 +109,7 @@ def prepare_source(
     os.makedirs(cache_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{name}-{key}-", dir=cache_dir)
     try:
-        records, to_records = _records(source, split, allow_outside, os.path.join(work, "records"), key)
+        records, to_records = _records(source, split, media_policy, os.path.join(work, "records"), key)
         if not len(records):
             raise ValueError(f"{source}: holds no samples")
         if validate_media == "auto":
@@ -164,7 +166,7 @@ def prepare_source(
     return PreparedSource(rows, report, entry, reused=False)
 
 
-def _records(source: str, split: str, allow_outside: bool, work: str, key: str):
+def _records(source: str, split: str, policy: MediaPolicy, work: str, key: str):
     """`(records, to_records)`: a `datasets.Dataset` with one row per record of `source`, and the function that
     turns a batch of its rows into `Record`s.
 
@@ -178,7 +180,7 @@ def _records(source: str, split: str, allow_outside: bool, work: str, key: str):
         else:
             dataset = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=work)
             base_dir, where = os.path.commonpath([os.path.dirname(path) for path in files]), source
-        return dataset, _TableRecords(where, base_dir if os.path.isdir(base_dir) else None, allow_outside)
+        return dataset, _TableRecords(where, base_dir if os.path.isdir(base_dir) else None, policy)
     if any(path.endswith(".parquet") for path in files):
         raise ValueError(f"{source}: mixes Parquet and JSON files; give them as separate sources")
     features = datasets.Features(
@@ -189,7 +191,7 @@ def _records(source: str, split: str, allow_outside: bool, work: str, key: str):
     records = datasets.Dataset.from_generator(
         _raw_records, features=features, gen_kwargs={"files": files}, cache_dir=work, fingerprint=f"raw-{key}"
     )
-    return records, _RawRecords(allow_outside)
+    return records, _RawRecords(policy)
 
 
 def _raw_records(files: list[str]):
@@ -205,12 +207,12 @@ def _raw_records(files: list[str]):
 class _RawRecords:
     """Records of raw JSON lines (picklable, for `map`'s worker processes)."""
 
-    def __init__(self, allow_outside: bool):
-        self.allow_outside = allow_outside
+    def __init__(self, policy: MediaPolicy):
+        self.policy = policy
 
     def __call__(self, batch: dict, indices: list[int]) -> list[Record]:
         return [
-            parse_line(raw, where, os.path.dirname(path), self.allow_outside, first=where == f"{path}:1")
+            parse_line(raw, where, os.path.dirname(path), self.policy, first=where == f"{path}:1")
             for path, where, raw in zip(batch["file"], batch["where"], batch["raw"])
         ]
 
@@ -218,13 +220,13 @@ class _RawRecords:
 class _TableRecords:
     """Records of the rows of a `datasets` dataset, named `<where>[<index>]`."""
 
-    def __init__(self, where: str, base_dir: str | None, allow_outside: bool):
-        self.where, self.base_dir, self.allow_outside = where, base_dir, allow_outside
+    def __init__(self, where: str, base_dir: str | None, policy: MediaPolicy):
+        self.where, self.base_dir, self.policy = where, base_dir, policy
 
     def __call__(self, batch: dict, indices: list[int]) -> list[Record]:
         names = list(batch)
         return [
-            Record(dict(zip(names, values)), f"{self.where}[{index}]", self.base_dir, self.allow_outside)
+            Record(dict(zip(names, values)), f"{self.where}[{index}]", self.base_dir, self.policy)
             for index, values in zip(indices, zip(*batch.values()))
         ]
 

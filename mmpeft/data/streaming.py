@@ -20,6 +20,7 @@ import torch
 
 from .dataset import SkipReport, load_item, prepare_row
 from .formats import BadSampleError, read_records
+from .sources import MediaPolicy
 
 
 class StreamingDataset(torch.utils.data.IterableDataset):
@@ -31,7 +32,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         rank, world_size: this process and the number of processes (the stream is split across them).
         seed: seed of the shuffle buffer (with the epoch and the reader).
         shuffle_buffer_size: rows each reader shuffles among (1: the records' order).
-        max_length, on_bad_sample, on_overlong, validate_media, allow_outside: as for preparing data.
+        max_length, on_bad_sample, on_overlong, validate_media, media_policy: as for preparing data.
     """
 
     def __init__(
@@ -47,11 +48,11 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         on_bad_sample: str = "error",
         on_overlong: str = "skip",
         validate_media: str = "header",
-        allow_outside: bool = False,
+        media_policy: MediaPolicy = MediaPolicy(),
     ):
         self.sources, self.processor = sources, processor
         self.rank, self.world_size, self.seed, self.shuffle_buffer_size = rank, world_size, seed, shuffle_buffer_size
-        self.on_bad_sample, self.allow_outside = on_bad_sample, allow_outside
+        self.on_bad_sample, self.media_policy = on_bad_sample, media_policy
         self.settings = dict(
             max_length=max_length, on_bad_sample=on_bad_sample, on_overlong=on_overlong, validate_media=validate_media
         )
@@ -72,7 +73,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         reader, readers = self._reader()
         position = 0
         for source, split in self.sources:
-            for record in read_records(source, split, self.allow_outside):
+            for record in read_records(source, split, self.media_policy):
                 position += 1
                 if (position - 1) % readers != reader:
                     continue
@@ -106,7 +107,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         """The row's model inputs with the pending skips attached, or None (and the row added to `pending`) when
         its media fail to load and bad samples are skipped."""
         try:
-            item = load_item(row, self.processor)
+            item = load_item(row, self.processor, media_policy=self.media_policy)
         except BadSampleError as error:
             if self.on_bad_sample == "error":
                 raise

@@ -15,6 +15,8 @@ from typing import Literal
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..data.sources import MediaPolicy
+
 
 @dataclass
 class ModelArguments:
@@ -67,7 +69,35 @@ class DataArguments:
     )
     allow_media_outside_data_dir: bool = field(
         default=False,
-        metadata={"help": "Accept media paths outside the data file's folder (absolute paths, '../' escapes)."},
+        metadata={
+            "help": "Accept media paths outside the data file's folder (absolute paths, '../' escapes, links out), "
+            "and local paths in Hub datasets."
+        },
+    )
+    allow_remote_media: bool = field(
+        default=False,
+        metadata={
+            "help": "Fetch http(s) media URLs (once, at preparation; kept with the prepared data). Off: URLs are bad "
+            "samples. Loopback, private and link-local addresses stay refused (remote_media_allowed_networks)."
+        },
+    )
+    remote_media_allowed_networks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Non-public networks media URLs may reach anyway, e.g. ['10.1.0.0/16'] for a media server."},
+    )
+    remote_media_timeout: float = field(
+        default=10.0, metadata={"help": "Seconds to connect, per read, and for a whole media download."}
+    )
+    remote_media_max_bytes: int = field(default=32 * 2**20, metadata={"help": "Largest media download, in bytes."})
+    max_image_pixels_per_sample: int = field(
+        default=2 * 8192 * 8192,
+        metadata={
+            "help": "Image pixels one sample may hold in all (decoded: 3 bytes each, plus the processor's copy), "
+            "checked from headers before decoding. Each image alone is limited by mmpeft.data.media.MAX_IMAGE_PIXELS."
+        },
+    )
+    max_audio_seconds_per_sample: float = field(
+        default=3600.0, metadata={"help": "Seconds of audio one sample may hold in all, checked from headers."}
     )
     padding_free: bool = field(
         default=False,
@@ -119,6 +149,19 @@ class DataArguments:
     synthetic_eval_size: int = field(default=300, metadata={"help": "Embedded dataset: evaluation samples."})
     data_seed_mixing: int = field(default=0, metadata={"help": "Seed of the weighted mixing of several datasets."})
 
+    @property
+    def media_policy(self) -> MediaPolicy:
+        """The rules every media reference of the data is held to (`mmpeft.data.sources`)."""
+        return MediaPolicy(
+            allow_outside=self.allow_media_outside_data_dir,
+            allow_remote=self.allow_remote_media,
+            allowed_networks=tuple(self.remote_media_allowed_networks),
+            remote_timeout=self.remote_media_timeout,
+            remote_max_bytes=self.remote_media_max_bytes,
+            max_sample_pixels=self.max_image_pixels_per_sample,
+            max_sample_audio_seconds=self.max_audio_seconds_per_sample,
+        )
+
     def __post_init__(self):
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
@@ -126,6 +169,7 @@ class DataArguments:
             raise ValueError(f"preprocessing_num_workers must be >= 1, got {self.preprocessing_num_workers}")
         if self.shuffle_buffer_size < 1:
             raise ValueError(f"shuffle_buffer_size must be >= 1 (1: no shuffling), got {self.shuffle_buffer_size}")
+        self.media_policy  # refuses a bad network or a non-positive limit, naming it
         self.train_data = [_dataset_spec(spec, "train_data") for spec in self.train_data]
         self.eval_data = [_dataset_spec(spec, "eval_data") for spec in self.eval_data]
 

@@ -88,7 +88,7 @@ def load_datasets(
         max_length=args.max_length,
         on_bad_sample=args.on_bad_sample,
         on_overlong=args.on_overlong,
-        allow_outside=args.allow_media_outside_data_dir,
+        media_policy=args.media_policy,
     )
     reports = {}
 
@@ -111,7 +111,7 @@ def load_datasets(
         return parts
 
     def dataset(rows, mode="train"):
-        return MMPeftDataset(rows, processor, mode, on_bad_sample=args.on_bad_sample)
+        return MMPeftDataset(rows, processor, mode, args.on_bad_sample, args.media_policy)
 
     evaluation = None
     if eval_specs:

@@ -17,6 +17,7 @@ from mmpeft.data import (
     read_records,
 )
 from mmpeft.data.dataset import IGNORE_INDEX, OverlongError
+from mmpeft.data.sources import MediaPolicy
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,9 @@ def test_llava_json_and_datasets_formats_give_the_same_sample(files, processor):
     # Its media live outside the dataset folder: refused unless allowed.
     with pytest.raises(BadSampleError, match=r"outside the data folder"):
         prepare_examples(read_records(str(files / "hf")), processor)
-    from_datasets, _ = prepared_examples(read_records(str(files / "hf"), allow_outside=True), processor)
+    from_datasets, _ = prepared_examples(
+        read_records(str(files / "hf"), policy=MediaPolicy(allow_outside=True)), processor
+    )
     assert from_llava[0].input_ids == from_messages[0].input_ids == from_datasets[0].input_ids
     assert from_llava[0].labels == from_messages[0].labels
 
@@ -233,7 +236,7 @@ def test_media_paths_outside_the_data_folder_are_refused_unless_allowed(path, fi
         prepare_examples(read_records(str(data)), processor)
     examples, report = prepare_examples(read_records(str(data)), processor, on_bad_sample="skip")
     assert not examples and report.skipped == 1
-    [example], _ = prepared_examples(read_records(str(data), allow_outside=True), processor)
+    [example], _ = prepared_examples(read_records(str(data), policy=MediaPolicy(allow_outside=True)), processor)
     assert example.images == [str(outside)]
 
 

@@ -19,6 +19,7 @@ from tiny_parts import SAMPLING_RATE, build, prepared_examples
 from mmpeft.data import BadSampleError, MMPeftDataset, load_audio, load_image, prepare_examples, read_records
 from mmpeft.data import media as media_module
 from mmpeft.data.dataset import IGNORE_INDEX
+from mmpeft.data.sources import MediaPolicy
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,7 @@ def write_media(media) -> None:
     (media / "truncated.flac").write_bytes(flac.getvalue()[: len(flac.getvalue()) // 2])
     soundfile.write(media / "tone.wav", tone(0.5, 22050, gains=(1, 1)), 22050)
     random_image().save(media / "good.png")
+    (media / "max.png").write_bytes(png_header_only(8192, 8192))  # exactly at the per-image limit
 
 
 @pytest.fixture
@@ -191,6 +193,56 @@ HOSTILE = {
     ),
     "conversations not a list": ({"conversations": 5}, "conversations", r"must be a list of turns"),
     "task not a string": ({**sample("hi"), "task": ["a"]}, "task", r"must be a string, got list"),
+    # Containment: `bytes` are data, never a path; URLs are off unless allowed; http(s) is the only scheme.
+    "absolute path as image bytes": (
+        sample({"type": "image", "image": {"bytes": "/etc/passwd"}}),
+        FIELD,
+        r"'bytes' must hold the encoded file, got str '/etc/passwd' \(give a file as 'path'\)",
+    ),
+    "relative path as audio bytes": (
+        sample({"type": "audio", "audio": {"bytes": "media/tone.wav", "path": None}}),
+        FIELD,
+        r"'bytes' must hold the encoded file, got str 'media/tone\.wav' \(give a file as 'path'\)",
+    ),
+    "path as LLaVA image bytes": (
+        {
+            "conversations": [{"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "x"}],
+            "image": {"bytes": "/etc/passwd"},
+        },
+        "image",
+        r"'bytes' must hold the encoded file, got str '/etc/passwd' .*",
+    ),
+    "image url without allow_remote_media": (
+        sample({"type": "image", "url": "http://169.254.169.254/latest/meta-data/iam"}),
+        FIELD,
+        r"media URL http://169\.254\.169\.254/latest/meta-data/iam refused: remote media are off "
+        r"\(set allow_remote_media\)",
+    ),
+    "https image path without allow_remote_media": (
+        sample(part("image", "https://example.com/cat.png")),
+        FIELD,
+        r"media URL https://example\.com/cat\.png refused: remote media are off \(set allow_remote_media\)",
+    ),
+    "LLaVA image url without allow_remote_media": (
+        {
+            "conversations": [{"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "x"}],
+            "image": "http://10.0.0.1/a.png",
+        },
+        "image",
+        r"media URL http://10\.0\.0\.1/a\.png refused: .*",
+    ),
+    "file:// URL": (
+        sample(part("audio", "file:///etc/passwd")),
+        FIELD,
+        r"unsupported URL scheme in file:///etc/passwd \(http and https only\)",
+    ),
+    # One file at the per-image limit, referenced 40 times: ~2.7 G pixels to decode, refused from the headers.
+    "40 references to one 8192x8192 image": (
+        sample(*[part("image", "media/max.png")] * 40),
+        None,
+        r"40 images of 2684354560 pixels in all are over the sample budget of 134217728 pixels "
+        r"\(max_image_pixels_per_sample\)",
+    ),
 }
 
 
@@ -234,7 +286,7 @@ def test_escaping_paths_are_refused_by_the_path_rule_unless_allowed(path, data_d
     with pytest.raises(
         BadSampleError, match=rf"{data}:1: field '{re.escape(FIELD)}': (cannot decode image|file not found)"
     ):
-        prepare_examples(read_records(data, allow_outside=True), processor)
+        prepare_examples(read_records(data, policy=MediaPolicy(allow_outside=True)), processor)
 
 
 def test_datasets_image_columns_are_checked_before_decoding(data_dir, processor):

@@ -16,6 +16,7 @@ from tiny_parts import build
 
 from mmpeft.data import BadSampleError, MMPeftDataCollator, MMPeftDataset, prepare_examples, read_records
 from mmpeft.data.preparation import prepare_source
+from mmpeft.data.sources import MediaPolicy
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +71,16 @@ def data(tmp_path):
 
 
 def prepare(source, processor, cache, **settings):
-    settings = {"on_bad_sample": "skip", "allow_outside": True, **settings}
+    settings = {"on_bad_sample": "skip", "media_policy": MediaPolicy(allow_outside=True), **settings}
     prepared = prepare_source(str(source), processor, str(cache), **settings)
     return prepared.rows, prepared.report
 
 
 def test_parallel_preparation_equals_serial_and_is_reused_from_the_cache(data, processor, tmp_path, caplog):
     glob = str(data / "shards" / "*.jsonl")
-    serial, serial_report = prepare_examples(read_records(glob, allow_outside=True), processor, on_bad_sample="skip")
+    serial, serial_report = prepare_examples(
+        read_records(glob, policy=MediaPolicy(allow_outside=True)), processor, on_bad_sample="skip"
+    )
     with caplog.at_level(logging.INFO, logger="mmpeft"):
         rows, report = prepare(glob, processor, tmp_path / "cache", on_bad_sample="skip", num_workers=2)
     assert rows.to_dict() == serial.to_dict() and report.to_dict() == serial_report.to_dict()
