@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
 import datasets
+import jinja2
 import numpy as np
 import soundfile
 import torch
@@ -140,6 +141,12 @@ def tokenize_conversation(processor, conversation: list[dict]) -> tuple[list[int
     return input_ids, labels, prompt_length
 
 
+# What rendering a conversation with a chat template can raise on unusual data: jinja2's own errors (including a
+# template's `raise_exception`), and Python's from a template or transformers' normalisation indexing, looking up
+# or comparing what the data holds.
+TEMPLATE_ERRORS = (jinja2.TemplateError, ValueError, IndexError, KeyError, TypeError, RecursionError)
+
+
 class OverlongError(BadSampleError):
     """A sample longer than `max_length`: dropped whole (or raised), never truncated."""
 
@@ -237,7 +244,12 @@ def make_row(
         except ValueError as error:
             raise BadSampleError(record.where, str(error), field_name) from error
 
-    input_ids, labels, prompt_length = tokenize_conversation(processor, conversation)
+    try:
+        input_ids, labels, prompt_length = tokenize_conversation(processor, conversation)
+    except TEMPLATE_ERRORS as error:  # a template that raises on this conversation fails this sample, not the run
+        raise BadSampleError(
+            record.where, f"the chat template cannot render it ({type(error).__name__}: {error})", "messages"
+        ) from error
     for token_id, count in (
         (processor.image_token_id, len(media["image"])),
         (processor.audio_token_id, len(audio_tokens)),

@@ -89,6 +89,12 @@ def _text(value, record: Record, field_name: str) -> str:
     return value
 
 
+def _role(message, key: str) -> str | None:
+    """The canonical role of a turn, or None when it has none (or a list, a number, ... where the name goes)."""
+    role = message.get(key) if isinstance(message, dict) else None
+    return ROLES.get(role) if isinstance(role, str) else None
+
+
 def from_messages(record: Record) -> list[dict]:
     """Canonical conversation of an OpenAI-style `messages` record."""
     messages = record.data["messages"]
@@ -97,7 +103,7 @@ def from_messages(record: Record) -> list[dict]:
     conversation = []
     for turn, message in enumerate(messages):
         field_name = f"messages[{turn}]"
-        role = ROLES.get(message.get("role")) if isinstance(message, dict) else None
+        role = _role(message, "role")
         if role is None:
             raise BadSampleError(record.where, f"unknown or missing role {message!r:.80}", field_name)
         content = message.get("content")
@@ -135,7 +141,7 @@ def from_llava(record: Record) -> list[dict]:
     conversation = []
     for turn, message in enumerate(record.data["conversations"]):
         field_name = f"conversations[{turn}]"
-        role = ROLES.get(message.get("from")) if isinstance(message, dict) else None
+        role = _role(message, "from")
         if role is None or not isinstance(message.get("value"), str):
             raise BadSampleError(
                 record.where, f"needs 'from' (human/gpt/system) and a string 'value': {message!r:.80}", field_name
@@ -219,6 +225,8 @@ def parse_line(line: bytes, where: str, base_dir: str, policy: MediaPolicy, firs
         return Record(None, where, base_dir, error=f"malformed JSON line: {error.msg} at {at}")
     except ValueError as error:  # valid JSON that Python refuses (an integer of 5000 digits)
         return Record(None, where, base_dir, error=f"malformed JSON line: {error}")
+    except RecursionError:  # `[[[[...]]]]` thousands deep: the parser's stack, not the line, is the limit
+        return Record(None, where, base_dir, error="malformed JSON line: nested too deeply to parse")
     return Record(data, where, base_dir, policy)
 
 

@@ -236,6 +236,27 @@ HOSTILE = {
         FIELD,
         r"unsupported URL scheme in file:///etc/passwd \(http and https only\)",
     ),
+    # Crashes that must be bad samples instead.
+    "3000-deep nesting": (
+        b'{"messages": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+        None,
+        r"malformed JSON line: nested too deeply to parse",
+    ),
+    "role as a list": (
+        {"messages": [{"role": ["user"], "content": "q"}, {"role": "assistant", "content": "a"}]},
+        "messages[0]",
+        r"unknown or missing role .*",
+    ),
+    "role as a dict": (
+        {"messages": [{"role": {"name": "user"}, "content": "q"}, {"role": "assistant", "content": "a"}]},
+        "messages[0]",
+        r"unknown or missing role .*",
+    ),
+    "LLaVA 'from' as a list": (
+        {"conversations": [{"from": ["human"], "value": "q"}, {"from": "gpt", "value": "x"}]},
+        "conversations[0]",
+        r"needs 'from' \(human/gpt/system\) and a string 'value': .*",
+    ),
     # One file at the per-image limit, referenced 40 times: ~2.7 G pixels to decode, refused from the headers.
     "40 references to one 8192x8192 image": (
         sample(*[part("image", "media/max.png")] * 40),

@@ -149,6 +149,30 @@ def test_audio_budget_per_sample(data, processor):
     }
 
 
+def test_a_conversation_may_open_with_the_assistant(data, processor):
+    opening = {"messages": [{"role": "assistant", "content": "Hello!"}, *sample("hi", answer="ok")["messages"]]}
+    path = write_jsonl(data / "data" / "d.jsonl", [opening, {"messages": [{"role": "assistant", "content": "Hi"}]}])
+    rows, report = prepare_examples(read_records(path), processor)
+    assert report.kept == 2
+    example = MMPeftDataset(rows, processor).example(0)
+    labelled = processor.tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label >= 0])
+    assert "Hello!" in labelled and "ok" in labelled and "hi" not in labelled
+
+
+def test_a_chat_template_that_raises_fails_the_sample_not_the_run(data, processor, monkeypatch):
+    # Many templates refuse what they do not support with raise_exception (here: a system turn).
+    template = processor.chat_template
+    refusing = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    monkeypatch.setattr(processor, "chat_template", refusing + template)
+    system = {"messages": [{"role": "system", "content": "be brief"}, *sample("hi")["messages"]]}
+    path = write_jsonl(data / "data" / "d.jsonl", [system, sample("hi")])
+    rows, report = prepare_examples(read_records(path), processor, on_bad_sample="skip")
+    assert rows["where"] == [f"{path}:2"]
+    assert report.where == {
+        "messages: the chat template cannot render it (TemplateError: System role not supported)": [f"{path}:1"]
+    }
+
+
 ################
 # Remote media
 ################
