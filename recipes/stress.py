@@ -5,13 +5,16 @@ for every sample: each is either trained on or skipped for the reason its case c
     python recipes/stress.py --num_good 200 --per_device_train_batch_size 16   # other flags go to finetune.py
 
 The dataset (`<output_dir>/data/stress.jsonl`) holds `num_good` generated samples and one sample of each case
-in `CASES`: truncated PNG / JPEG / FLAC, zero-byte files, directories, escaping and absolute paths, an image
-declaring 20000x20000 pixels, NaN / infinite / 0-length / 2-hour audio, invalid UTF-8 and malformed JSON lines
-(all skipped, each for its own reason) and odd but valid media -- 16-bit, CMYK, palette, RGBA and 1x1 images;
-8 / 44.1 / 48 kHz, stereo, 6-channel and silent audio; user text with literal `<image>` / `<audio>` (all
-trained on). recipes/finetune.py runs one epoch over it with `--on_bad_sample skip`, so every kept sample is
-trained on once. The run prints samples read, trained on and skipped by reason, and exits non-zero unless
-read == trained on + skipped and every case ended where it should.
+in `CASES`: truncated PNG / JPEG / FLAC, zero-byte files, directories, escaping and absolute paths, a link out
+of the data folder, a path given as bytes, an http URL (remote media are off) and a `file://` URL, an image
+declaring 20000x20000 pixels, one at the pixel limit referenced 40 times (over the sample budget), NaN /
+infinite / 0-length / 2-hour audio, invalid UTF-8, malformed and 3000-deep JSON lines, a role given as a list
+(all skipped, each for its own reason) and odd but valid samples -- 16-bit, CMYK, palette, RGBA and 1x1 images;
+8 / 44.1 / 48 kHz, stereo, 6-channel and silent audio; user text with literal `<image>` / `<audio>`; a
+conversation that opens with an assistant turn (all trained on). recipes/finetune.py runs one epoch over it
+with `--on_bad_sample skip`, so every kept sample is trained on once. The run prints samples read, trained on
+and skipped by reason, and exits non-zero unless read == trained on + skipped and every case ended where it
+should.
 """
 
 import argparse
@@ -61,6 +64,13 @@ CASES = {
     "2-hour audio": r"longer than max_length",
     "invalid UTF-8": r"invalid UTF-8 at byte \d+ of the line",
     "malformed JSON": r"malformed JSON line: .*",
+    "path given as image bytes": r"messages\[0\]\.content\[0\]: 'bytes' must hold the encoded file, got str .*",
+    "image URL (remote media off)": r"messages\[0\]\.content\[0\]: media URL .* refused: remote media are off .*",
+    "file:// URL": r"messages\[0\]\.content\[0\]: unsupported URL scheme in .*",
+    "link out of the data folder": rf"messages\[0\]\.content\[0\]: {OUTSIDE}",
+    "40 x one 8192x8192 image": r"40 images of \d+ pixels in all are over the sample budget of \d+ pixels .*",
+    "JSON nested 3000 deep": r"malformed JSON line: nested too deeply to parse",
+    "role given as a list": r"messages\[0\]: unknown or missing role .*",
     "16-bit image": KEPT,
     "CMYK image": KEPT,
     "palette image": KEPT,
@@ -71,6 +81,7 @@ CASES = {
     "48 kHz 6-channel audio": KEPT,
     "silent audio": KEPT,
     "<image> / <audio> in user text": KEPT,
+    "opens with an assistant turn": KEPT,
 }
 
 
@@ -106,8 +117,8 @@ def write_hostile_samples(folder: str, long_audio_rate: int) -> dict:
                 handle.write(data)
         return f"media/hostile/{name}"
 
-    def ask(kind: str, path: str, question: str = "What is it?") -> str:
-        content = [{"type": kind, "path": path}, {"type": "text", "text": question}]
+    def ask(kind: str, source, question: str = "What is it?") -> str:
+        content = [{"type": kind, kind: source}, {"type": "text", "text": question}]
         return json.dumps({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "x"}]})
 
     def audio(name: str, samples: np.ndarray, rate: int, **kwargs) -> str:
@@ -121,6 +132,8 @@ def write_hostile_samples(folder: str, long_audio_rate: int) -> dict:
     nan, inf = _tone(0.5, 16000), _tone(0.5, 16000, 2)
     nan[100], inf[200, 1] = np.nan, np.inf
     os.makedirs(os.path.join(media, "folder.png"), exist_ok=True)
+    if not os.path.lexists(os.path.join(media, "link.png")):
+        os.symlink("/etc/passwd", os.path.join(media, "link.png"))
     os.makedirs(os.path.join(media, "folder.wav"), exist_ok=True)
     palette = Image.new("P", (30, 20), 1)
     palette.putpalette([0, 0, 0, 30, 170, 40] + [0] * 762)
@@ -146,6 +159,25 @@ def write_hostile_samples(folder: str, long_audio_rate: int) -> dict:
         "2-hour audio": ask("audio", file("two_hours.wav")),
         "invalid UTF-8": b'{"messages": [{"role": "user", "content": "caf\xe9"}]}',
         "malformed JSON": b'{"messages": [{"role": "user", "content": "hi"}',
+        "path given as image bytes": ask("image", {"bytes": "/etc/passwd"}),
+        "image URL (remote media off)": ask("image", "http://169.254.169.254/latest/meta-data/"),
+        "file:// URL": ask("audio", "file:///etc/passwd"),
+        "link out of the data folder": ask("image", file("link.png")),
+        "40 x one 8192x8192 image": json.dumps(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image", "path": file("max.png", _png_header_only(8192, 8192))}] * 40,
+                    },
+                    {"role": "assistant", "content": "x"},
+                ]
+            }
+        ),
+        "JSON nested 3000 deep": b'{"messages": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+        "role given as a list": json.dumps(
+            {"messages": [{"role": ["user"], "content": "hi"}, {"role": "assistant", "content": "x"}]}
+        ),
         "16-bit image": ask(
             "image", file("grey16.png", _encoded(Image.fromarray(np.full((20, 30), 40000, np.uint16)), "PNG"))
         ),
@@ -162,6 +194,15 @@ def write_hostile_samples(folder: str, long_audio_rate: int) -> dict:
                 "messages": [
                     {"role": "user", "content": "Is <image> an image? And <audio>?"},
                     {"role": "assistant", "content": "no"},
+                ]
+            }
+        ),
+        "opens with an assistant turn": json.dumps(
+            {
+                "messages": [
+                    {"role": "assistant", "content": "Hello! Ask me about an image or a sound."},
+                    {"role": "user", "content": "What is 2 + 2?"},
+                    {"role": "assistant", "content": "4"},
                 ]
             }
         ),

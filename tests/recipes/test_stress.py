@@ -16,10 +16,10 @@ def test_every_sample_is_trained_on_or_skipped_for_its_reason(tmp_path):
     data, media = tmp_path / "data", tmp_path / "data" / "media" / "hostile"
     field = "messages[0].content[0]: "
     kept_cases = [case for case, outcome in stress.CASES.items() if outcome == stress.KEPT]
-    assert len(kept_cases) == 10
-    assert result["read"] == 6 + len(stress.CASES) == 32
-    assert result["trained on"] == 6 + 10 and result["skipped"] == 16
-    assert result["trainer"].state.global_step == 2  # one epoch of 16 samples, 8 per step
+    assert len(kept_cases) == 11
+    assert result["read"] == 6 + len(stress.CASES) == 40
+    assert result["trained on"] == 6 + 11 and result["skipped"] == 23
+    assert result["trainer"].state.global_step == 3  # one epoch of 17 samples, 8 per step
     # Exact reasons; those that quote Pillow or libsndfile (whose wording is theirs) by their own prefix.
     quoting = (f"{field}cannot decode audio: ", f"{field}image is over the limit of 67108864 pixels, refused before ")
     by_reason = {reason: count for reason, count in result["by reason"].items() if not reason.startswith(quoting)}
@@ -40,6 +40,16 @@ def test_every_sample_is_trained_on_or_skipped_for_its_reason(tmp_path):
         "longer than max_length": 1,  # the 2-hour clip, measured from its header
         "invalid UTF-8 at byte 47 of the line": 1,
         "malformed JSON line: Expecting ',' delimiter at the end of the line": 1,
+        "malformed JSON line: nested too deeply to parse": 1,
+        f"{field}'bytes' must hold the encoded file, got str '/etc/passwd' (give a file as 'path')": 1,
+        f"{field}media URL http://169.254.169.254/latest/meta-data/ refused: remote media are off "
+        "(set allow_remote_media)": 1,
+        f"{field}unsupported URL scheme in file:///etc/passwd (http and https only)": 1,
+        f"{field}media path 'media/hostile/link.png' is outside the data folder {data} "
+        "(set allow_media_outside_data_dir to allow)": 1,
+        "40 images of 2684354560 pixels in all are over the sample budget of 134217728 pixels "
+        "(max_image_pixels_per_sample)": 1,
+        "messages[0]: unknown or missing role {'role': ['user'], 'content': 'hi'}": 1,
     }
     # The odd but valid samples are among those trained on, each exactly once.
     trained = list(result["trainer"].train_dataset.rows["where"])
