@@ -187,7 +187,8 @@ DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 def data_files(source: str) -> list[str] | None:
     """The data files a source names -- a JSONL / JSON / Parquet file, a glob of them (`shards/*.jsonl`) or a folder
-    holding them -- sorted; None when it names a `datasets` dataset instead (a `save_to_disk` folder or a Hub id)."""
+    holding them -- sorted; None when it names a `datasets` dataset instead (a `save_to_disk` folder or a Hub id).
+    A missing local path is a `FileNotFoundError`, not a Hub id to look up."""
     if glob.has_magic(source):
         files = sorted(path for path in glob.glob(source, recursive=True) if path.endswith(DATA_FILE_SUFFIXES))
         if not files:
@@ -204,6 +205,9 @@ def data_files(source: str) -> list[str] | None:
                 f"{source}: a folder without {'/'.join(DATA_FILE_SUFFIXES)} files or a saved dataset"
             )
         return [os.path.abspath(path) for path in files]
+    if source.endswith(DATA_FILE_SUFFIXES) or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        # Not a Hub id (`name` or `owner/name`): a local path that is not there, not a dataset to download.
+        raise FileNotFoundError(f"{source}: no such data file or folder")
     return None
 
 
@@ -245,9 +249,11 @@ def read_json_items(path: str) -> list:
             data = json.load(file)
         except (ValueError, UnicodeDecodeError) as error:
             raise BadSampleError(path, f"invalid JSON: {error}") from error
-    items = data if isinstance(data, list) else data.get("data", data.get("samples"))
+    items = data.get("data", data.get("samples")) if isinstance(data, dict) else data
     if not isinstance(items, list):
-        raise BadSampleError(path, "a JSON file must hold a list of samples (or {'data': [...]})")
+        raise BadSampleError(
+            path, f"a JSON file must hold a list of samples (or {{'data': [...]}}), got {type(items).__name__}"
+        )
     return items
 
 

@@ -492,3 +492,19 @@ def test_two_hour_audio_decodes_in_bounded_memory(two_hours):
     spectrum = np.abs(np.fft.rfft(audio[-60000:]))  # the last minute: blocks joined without drift
     assert abs(np.argmax(spectrum) * 1000 / 60000 - 300.0) <= 0.1
     assert np.sqrt(np.mean(audio[-60000:] ** 2)) == pytest.approx(0.3 / np.sqrt(2) * 0.75, rel=0.01)
+
+
+@pytest.mark.parametrize("content, kind", [("5", "int"), ('"samples"', "str"), ('{"data": 3}', "int")])
+def test_a_json_file_that_is_not_a_list_of_samples_is_a_clear_error(content, kind, tmp_path):
+    (tmp_path / "d.json").write_text(content)
+    with pytest.raises(BadSampleError) as raised:
+        list(read_records(str(tmp_path / "d.json")))
+    assert str(raised.value) == (
+        f"{tmp_path / 'd.json'}: a JSON file must hold a list of samples (or {{'data': [...]}}), got {kind}"
+    )
+
+
+@pytest.mark.parametrize("source", ["./trian.jsonl", "data/trian.jsonl", "trian.json", "/data/x", "a/b/c"])
+def test_a_mistyped_local_path_is_not_looked_up_on_the_hub(source):
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(source)}: no such data file or folder$"):
+        list(read_records(source))
