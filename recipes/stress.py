@@ -63,7 +63,7 @@ CASES = {
     "0-length audio": r"messages\[0\]\.content\[0\]: audio is empty \(0 samples\)",
     "2-hour audio": r"longer than max_length",
     "invalid UTF-8": r"invalid UTF-8 at byte \d+ of the line",
-    "malformed JSON": r"malformed JSON line: .*",
+    "malformed JSON": r"malformed JSON line: Expecting .*",
     "path given as image bytes": r"messages\[0\]\.content\[0\]: 'bytes' must hold the encoded file, got str .*",
     "image URL (remote media off)": r"messages\[0\]\.content\[0\]: media URL .* refused: remote media are off .*",
     "file:// URL": r"messages\[0\]\.content\[0\]: unsupported URL scheme in .*",
