@@ -21,6 +21,7 @@ from mmpeft.data import BadSampleError, MediaPolicy, MMPeftDataset, Record, prep
 from mmpeft.data.dataset import make_row
 from mmpeft.data.preparation import prepare_source
 from mmpeft.data.sources import MAX_REDIRECTS
+from mmpeft.data.streaming import StreamingDataset
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,36 @@ def test_a_file_swapped_for_a_link_after_preparation_is_refused_at_load(swapped,
     assert "is now a symbolic link to" in raised.value.reason and str(data / "outside") in raised.value.reason
     item = MMPeftDataset(rows, processor, on_bad_sample="skip")[0]  # skipped: the next sample stands in
     assert [s["where"] for s in item["skipped_samples"]] == [f"{path}:1"] and "pixel_values" not in item
+
+
+def test_streamed_data_is_held_to_the_same_rules(data, processor):
+    path = write_jsonl(
+        data / "data" / "d.jsonl",
+        [
+            sample(image({"bytes": "/etc/passwd"})),
+            sample(image("http://169.254.169.254/latest/meta-data/")),
+            sample(image("../outside/secret.png")),
+            sample(image("media/red.png")),
+        ],
+    )
+    [item] = list(StreamingDataset([(path, "train")], processor, on_bad_sample="skip"))
+    assert item["pixel_values"].shape[0] == 1
+    assert [(s["where"], s["reason"].split(": ", 1)[1].split(" ")[0]) for s in item["skipped_samples"]] == [
+        (f"{path}:1", "'bytes'"),
+        (f"{path}:2", "media"),
+        (f"{path}:3", "media"),
+    ]
+    assert "remote media are off" in item["skipped_samples"][1]["reason"]
+    assert "is outside the data folder" in item["skipped_samples"][2]["reason"]
+
+
+def test_a_cached_preparation_is_not_reused_under_another_media_policy(data, processor, tmp_path):
+    path = write_jsonl(data / "data" / "d.jsonl", [sample(image("../outside/secret.png")), sample("text")])
+    strict = prepare_source(path, processor, str(tmp_path / "cache"), on_bad_sample="skip")
+    assert strict.report.skipped == 1
+    relaxed = prepare_source(path, processor, str(tmp_path / "cache"), media_policy=MediaPolicy(allow_outside=True))
+    assert not relaxed.reused and relaxed.report.kept == 2
+    assert prepare_source(path, processor, str(tmp_path / "cache"), on_bad_sample="skip").reused
 
 
 def test_a_media_file_removed_during_training_is_skipped_and_named(data, processor):
