@@ -1,12 +1,16 @@
-"""`tokenize_conversation`: labels from the conversation tokenized about once."""
+"""`tokenize_conversation`: labels from prefixes tokenized once, and the length limit checked before the work."""
 
 import pytest
-from tiny_parts import build
+from tiny_parts import build, tokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 from transformers.utils.chat_template_utils import _get_control_token_patterns, mark_control_tokens
 
 from mmpeft import MMPeftProcessor
 from mmpeft.data.dataset import (
     IGNORE_INDEX,
+    ConversationTooLong,
+    _min_tokens,
     _template_view,
     tokenize_conversation,
 )
@@ -99,6 +103,7 @@ def test_labels_equal_those_of_every_prefix_tokenized(name, processor):
     conversation = CONVERSATIONS[name]
     expected = tokenize_every_prefix(processor, conversation)
     assert tokenize_conversation(processor, conversation) == expected
+    assert tokenize_conversation(processor, conversation, max_length=10**9) == expected
 
 
 def with_template(processor, template):
@@ -163,3 +168,103 @@ def test_a_many_turn_conversation_is_tokenized_about_once(processor, monkeypatch
     tokenize_conversation(processor, conversation)
     # The whole text and its pieces between answers; every prefix (quadratic) would be ~40 times the text.
     assert sum(map(len, spy.texts)) <= 2 * len(whole)
+
+
+def long_conversation(size):
+    return [turn("user", text("What is this? " * (size // 14))), turn("assistant", text("a very long text"))]
+
+
+def test_a_conversation_certainly_too_long_is_refused_before_tokenizing(processor, monkeypatch):
+    spy = TokenizerSpy(monkeypatch, processor.tokenizer)
+    with pytest.raises(ConversationTooLong, match=r"at least \d+ > 64 tokens") as refused:
+        tokenize_conversation(processor, long_conversation(5_000_000), max_length=64)
+    assert spy.texts == [] and not refused.value.exact and refused.value.tokens > 64
+
+
+def test_an_overlong_conversation_of_many_turns_is_refused_before_the_per_turn_work(processor, monkeypatch):
+    conversation = CONVERSATIONS["many turns"]
+    whole = processor.apply_chat_template(_template_view(conversation), tokenize=False)
+    tokens = len(tokenize_every_prefix(processor, conversation)[0])
+    spy = TokenizerSpy(monkeypatch, processor.tokenizer)
+    with pytest.raises(ConversationTooLong, match=rf"^{tokens} > {tokens - 1} tokens$"):
+        tokenize_conversation(processor, conversation, max_length=tokens - 1)
+    assert spy.texts == [whole]  # the whole text, once: no piece nor prefix
+
+
+@pytest.mark.parametrize("name", ["one turn", "system, media, several turns", "control tokens in text"])
+def test_the_length_limit_is_exact(name, processor):
+    conversation = CONVERSATIONS[name]
+    expected = tokenize_every_prefix(processor, conversation)
+    assert tokenize_conversation(processor, conversation, max_length=len(expected[0])) == expected
+    with pytest.raises(ConversationTooLong) as refused:
+        tokenize_conversation(processor, conversation, max_length=len(expected[0]) - 1)
+    assert refused.value.exact and refused.value.tokens == len(expected[0])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "x",
+        "What is <image> and <audio><|im_end|>?" * 50,
+        MARKERS * 30,
+        " " * 500 + "\n" * 300 + "\t" * 7,
+        "🎵日本語é" * 200,
+        "The answer is yes. " * 200,
+        "",
+    ],
+)
+def test_the_size_bound_never_exceeds_the_tokens(value, processor):
+    conversation = [turn("user", text(value)), turn("assistant", text(value or "a"))]
+    input_ids = tokenize_every_prefix(processor, conversation)[0]
+    view = mark_control_tokens(
+        _template_view(conversation),
+        _get_control_token_patterns(processor.tokenizer._get_control_tokens(processor.chat_template))[0],
+    )
+    bound = _min_tokens(processor.tokenizer, processor.apply_chat_template(view, tokenize=False))
+    assert bound is not None and 0 < bound <= len(input_ids)
+
+
+def chat_processor(model, pre_tokenizer=None, **added):
+    """A processor around a small tokenizer of `model`, with the chat tokens added (`added`: their options)."""
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizer
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[UNK]")
+    from tokenizers import AddedToken
+
+    wrapped.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(t, special=True, **added) for t in ("<|im_start|>", "<|im_end|>")]}
+    )
+    return MMPeftProcessor(tokenizer=wrapped)
+
+
+WORDS = {"[UNK]": 0, "user": 1, "assistant": 2, "hello": 3, "\n": 4}
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["word level", "word piece", "BPE without byte fallback", "chat tokens that take in whitespace"],
+)
+def test_no_size_bound_where_one_token_can_stand_for_any_length(kind):
+    """One unknown word of 5 MB is one token: a size bound would refuse it; it is encoded once instead."""
+    whitespace = pre_tokenizers.WhitespaceSplit()
+    processor = {
+        "word level": lambda: chat_processor(models.WordLevel(WORDS, unk_token="[UNK]"), whitespace),
+        "word piece": lambda: chat_processor(models.WordPiece(WORDS, unk_token="[UNK]"), whitespace),
+        "BPE without byte fallback": lambda: chat_processor(
+            models.BPE(WORDS, [], unk_token="[UNK]", fuse_unk=True), whitespace
+        ),
+        "chat tokens that take in whitespace": lambda: build("llama", None, None, tok=rstrip_tokenizer())[1],
+    }[kind]()
+    value = "x" * 5_000_000 if kind != "chat tokens that take in whitespace" else "x"
+    conversation = [turn("user", text(value)), turn("assistant", text("hello"))]
+    input_ids, _, _ = tokenize_conversation(processor, conversation, max_length=64)
+    assert len(input_ids) <= 64
+    assert _min_tokens(processor.tokenizer, "x") is None
+
+
+def rstrip_tokenizer():
+    from tokenizers import AddedToken
+
+    tok = tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken("<|im_end|>", rstrip=True, special=True)]})
+    return tok
