@@ -107,38 +107,230 @@ def _template_view(conversation: list[dict]) -> list[dict]:
     ]
 
 
-def tokenize_conversation(processor, conversation: list[dict]) -> tuple[list[int], list[int], int]:
+class ConversationTooLong(ValueError):
+    """Raised by `tokenize_conversation(..., max_length=n)` for a conversation of more than `n` tokens, before the
+    work that would otherwise encode it in full. `tokens` is its token count, exact or (`exact=False`) a lower bound
+    that is already over the limit."""
+
+    def __init__(self, tokens: int, max_length: int, exact: bool):
+        self.tokens, self.max_length, self.exact = tokens, max_length, exact
+        super().__init__(f"{'at least ' if not exact else ''}{tokens} > {max_length} tokens")
+
+
+def tokenize_conversation(
+    processor, conversation: list[dict], max_length: int | None = None
+) -> tuple[list[int], list[int], int]:
     """Token ids of the rendered conversation, labels that keep only assistant turns, and the length of the
     prompt before the last assistant turn. Placeholders are single tokens here (not yet expanded).
 
     Assistant spans are found by rendering growing prefixes of the conversation with the processor's chat
     template, so any template works as long as a prefix renders as a prefix. Control tokens that the data's
     own text contains (a literal `<image>`, `<|im_end|>`) are encoded as plain text: only media parts become
-    placeholders, and user text cannot forge turns or media slots.
+    placeholders, and user text cannot forge turns or media slots. Every prefix is rendered, but the text is
+    tokenized about once, cut where the prefixes end (`_label_spans_by_cuts`).
+
+    With `max_length`, a conversation of more tokens raises `ConversationTooLong` as soon as that is certain: from
+    the size of its text where the tokenizer bounds the bytes a token covers, else after encoding it once -- never
+    after the per-turn work. A caller that counts more tokens than these ids (`make_row`: expanded media) passes
+    the limit less those.
     """
     tokenizer = processor.tokenizer
     control_tokens, _ = _get_control_token_patterns(tokenizer._get_control_tokens(processor.chat_template))
     view = mark_control_tokens(_template_view(conversation), control_tokens)
-
-    # Every prefix is rendered and tokenized in two batched calls, each rendered once (the conversation itself is
-    # the last prefix ending with an answer when it ends with one): tokenizing is most of a sample's preparation.
     answers = [turn for turn, message in enumerate(view) if message["role"] == "assistant"]
-    ends = [view[: turn + 1] for turn in answers if turn != len(view) - 1] + [view]
-    prompts = [view[:turn] for turn in answers]
-    texts = processor.apply_chat_template(ends, tokenize=False)
-    texts += processor.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False) if prompts else []
-    encoded = tokenizer(texts, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"]
-    input_ids, prefixes, starts = encoded[len(ends) - 1], encoded[: len(ends) - 1] + [None], encoded[len(ends) :]
-    labels = [IGNORE_INDEX] * len(input_ids)
-    prompt_length = 0
-    for turn, prefix, prompt in zip(answers, prefixes, starts):
-        prefix = input_ids if prefix is None else prefix
-        start, end = len(prompt), len(prefix)
-        if input_ids[:end] != prefix or start > end:
+    text = processor.apply_chat_template(view, tokenize=False)
+    input_ids = None
+    if max_length is not None:
+        at_least = _min_tokens(tokenizer, text)
+        if at_least is not None and at_least > max_length:
+            raise ConversationTooLong(at_least, max_length, exact=False)
+        input_ids = _encode(tokenizer, [text])[0]
+        if len(input_ids) > max_length:
+            raise ConversationTooLong(len(input_ids), max_length, exact=True)
+
+    # The text before each answer (the generation prompt) and up to its end. Rendering them costs far less than
+    # tokenizing them, so only the whole text is tokenized when they are prefixes of it (below).
+    ends = _render(processor, view, [turn + 1 for turn in answers if turn != len(view) - 1], text=text) + [text]
+    prompts = _render(processor, view, answers, text=text, add_generation_prompt=True)
+    spans = _label_spans_by_cuts(tokenizer, text, input_ids, prompts, ends)
+    if spans is None:  # a template or tokenizer that the cuts do not fit: every prefix is tokenized, as it renders
+        encoded = _encode(tokenizer, ends + prompts)
+        input_ids, prefixes, starts = encoded[len(ends) - 1], encoded[: len(ends) - 1] + [None], encoded[len(ends) :]
+        spans = []
+        for prefix, prompt in zip(prefixes, starts):
+            prefix = input_ids if prefix is None else prefix
+            if input_ids[: len(prefix)] != prefix or len(prompt) > len(prefix):
+                spans = None
+                break
+            spans.append((len(prompt), len(prefix)))
+        if spans is None:
             raise ValueError("the chat template does not render a conversation prefix as a prefix of the whole")
+    else:
+        input_ids, spans = spans
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for start, end in spans:
         labels[start:end] = input_ids[start:end]
-        prompt_length = start
-    return input_ids, labels, prompt_length
+    return input_ids, labels, spans[-1][0] if spans else 0
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Ids of rendered chats whose data text was marked by `mark_control_tokens` (marked control tokens as text)."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"]
+
+
+def _render(processor, view: list[dict], lengths: list[int], text: str, add_generation_prompt: bool = False):
+    """The chat template's renderings of `view[:length]` for each of `lengths`.
+
+    Rendered through the processor, a prefix is first normalized message by message, which costs ten times the
+    rendering itself and makes an n-turn conversation's prefixes cost n^2 message copies. The normalized view is
+    made once here and its prefixes rendered with the compiled template, when that renders the whole conversation
+    exactly as the processor did (`text`); otherwise through the processor.
+    """
+    from transformers.utils import chat_template_utils as chat_utils
+
+    if not lengths:
+        return []
+    if isinstance(processor.chat_template, str):
+        try:
+            template = chat_utils._compile_jinja_template(processor.chat_template)
+            plain = chat_utils._plain_template_data
+            messages = chat_utils._alias_reasoning_fields(plain(chat_utils._normalize_chat_messages(view)))
+            variables = dict(tools=None, documents=None, **plain(dict(processor.tokenizer.special_tokens_map)))
+            if template.render(messages=messages, add_generation_prompt=False, **variables) == text:
+                return [
+                    template.render(
+                        messages=messages[:length], add_generation_prompt=add_generation_prompt, **variables
+                    )
+                    for length in lengths
+                ]
+        except (AttributeError, TypeError):  # another transformers: the processor renders
+            pass
+    return processor.apply_chat_template(
+        [view[:length] for length in lengths], add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+
+
+def _label_spans_by_cuts(tokenizer, text, input_ids, prompts, ends):
+    """`(input_ids, [(start, end) per answer])` of `text` with each prompt and end rendering's token count, from
+    one encoding of the text cut where those renderings end; None where they are not prefixes of the text in order,
+    or the pieces do not encode as the whole does.
+
+    Encoding every prefix costs tokens quadratic in the number of turns. Here the text is cut at each prefix's end
+    and each piece encoded on its own (linear): when the pieces' ids join into the ids of the whole, the tokenizer
+    splits the whole at every cut, and a prefix's ids are taken to be the pieces' before its end. The last of those
+    pieces is encoded with nothing after it, as the prefix alone is, and the others with what the whole has around
+    them; so this only assumes that how a piece encodes does not depend on text beyond the next cut, which holds
+    for BPE, WordPiece and Unigram models and pre-tokenizers that look one character ahead. Where the pieces do not
+    join into the whole (a cut inside a token, a piece that encodes differently alone) every prefix is encoded.
+    """
+    cuts, position = [], 0
+    for prompt, end in zip(prompts, ends):
+        for rendered in (prompt, end):
+            if len(rendered) < position or not text.startswith(rendered):
+                return None
+            position = len(rendered)
+            cuts.append(position)
+    bounds = sorted(set(cuts) | {0, len(text)})
+    pieces = [text[start:end] for start, end in zip(bounds, bounds[1:])]
+    try:
+        encoded = _encode(tokenizer, pieces + ([text] if input_ids is None else []))
+    except ValueError:  # a piece that cannot be sanitized alone
+        return None
+    input_ids = encoded.pop() if input_ids is None else input_ids
+    tokens_before, joined = {0: 0}, []
+    for end, piece in zip(bounds[1:], encoded):
+        joined += piece
+        tokens_before[end] = len(joined)
+    if joined != input_ids:
+        return None
+    return input_ids, [(tokens_before[start], tokens_before[end]) for start, end in zip(cuts[::2], cuts[1::2])]
+
+
+def _min_tokens(tokenizer, text: str) -> int | None:
+    """A lower bound of the tokens `text` (a rendered chat, data text marked) encodes to, from its size alone; None
+    where the tokenizer allows none.
+
+    A token covers at most as many bytes of the text as its own string has, when every byte of the text becomes
+    part of some token: then tokens >= bytes / (the longest token's bytes). That holds for a BPE model that has a
+    token for every byte (byte-level, or byte fallback), no normalizer that can shorten the text, no pre-tokenizer
+    that drops characters, and no added token that takes in the whitespace around it (lstrip / rstrip). It does
+    not hold where one unknown token stands for a whole word of any length (WordLevel, WordPiece, BPE without
+    byte fallback), nor where text is dropped: there the conversation is encoded once instead.
+    """
+    longest = _longest_token_bytes(tokenizer)
+    if longest is None:
+        return None
+    from transformers.utils.chat_template_utils import _CONTROL_TOKEN_END, _CONTROL_TOKEN_START
+
+    # The markers around data control tokens are dropped when encoding: each is 4 UTF-8 bytes.
+    size = len(text.encode("utf-8", "surrogatepass")) - 4 * (
+        text.count(_CONTROL_TOKEN_START) + text.count(_CONTROL_TOKEN_END)
+    )
+    return -(-size // longest)
+
+
+_LONGEST_TOKEN_BYTES: dict = {}  # id(tokenizer) -> (weak reference, vocabulary size, bytes or None)
+
+
+def _longest_token_bytes(tokenizer) -> int | None:
+    """The most bytes of text one token of `tokenizer` covers, when that is bounded (see `_min_tokens`); else None.
+    Cached per tokenizer (a vocabulary's scan costs tens of milliseconds)."""
+    import weakref
+
+    cached = _LONGEST_TOKEN_BYTES.get(id(tokenizer))
+    if cached is not None and cached[0]() is tokenizer and cached[1] == len(tokenizer):
+        return cached[2]
+    longest = _bounded_token_bytes(tokenizer)
+    _LONGEST_TOKEN_BYTES[id(tokenizer)] = (weakref.ref(tokenizer), len(tokenizer), longest)
+    return longest
+
+
+# Normalizers and pre-tokenizers that never shorten nor drop text (Replace and Split are checked further).
+_KEEPS_TEXT = {"Sequence", "Prepend", "Replace", "ByteLevel", "Metaspace", "Digits", "Split", "Punctuation"}
+
+
+def _bounded_token_bytes(tokenizer) -> int | None:
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a Python ("slow") tokenizer: nothing to read its model from
+        return None
+    spec = json.loads(backend.to_str())
+    model, added = spec["model"], spec.get("added_tokens") or []
+    parts = []
+
+    def walk(node, key):
+        if node is None:
+            return True
+        parts.append(node)
+        inner = node.get(key)
+        return node["type"] in _KEEPS_TEXT and all(walk(child, key) for child in (inner or []))
+
+    if not (walk(spec.get("normalizer"), "normalizers") and walk(spec.get("pre_tokenizer"), "pretokenizers")):
+        return None
+    for part in parts:
+        if part["type"] == "Replace" and (
+            "String" not in part["pattern"] or len(part["content"].encode()) < len(part["pattern"]["String"].encode())
+        ):
+            return None  # a regular expression or a shorter replacement may shorten the text
+        if part["type"] in ("Split", "Punctuation") and part.get("behavior") == "Removed":
+            return None
+    if model["type"] != "BPE" or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return None
+    if any(token.get("lstrip") or token.get("rstrip") for token in added):
+        return None
+    vocab = model["vocab"]
+    if any(part["type"] == "ByteLevel" for part in parts):
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        every_byte = all(character in vocab for character in ByteLevel.alphabet())
+    else:
+        every_byte = model.get("byte_fallback") and all(f"<0x{byte:02X}>" in vocab for byte in range(256))
+    if not every_byte:
+        return None
+    return max(len(token.encode("utf-8", "surrogatepass")) for token in [*vocab, *(t["content"] for t in added)])
 
 
 # What rendering a conversation with a chat template can raise on unusual data: jinja2's own errors (including a
