@@ -205,7 +205,8 @@ def data_files(source: str) -> list[str] | None:
                 f"{source}: a folder without {'/'.join(DATA_FILE_SUFFIXES)} files or a saved dataset"
             )
         return [os.path.abspath(path) for path in files]
-    if source.endswith(DATA_FILE_SUFFIXES) or source.startswith((".", "/", "~")) or source.count("/") > 1:
+    looks_local = source.endswith(DATA_FILE_SUFFIXES) or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local and not os.path.exists(source):
         # Not a Hub id (`name` or `owner/name`): a local path that is not there, not a dataset to download.
         raise FileNotFoundError(f"{source}: no such data file or folder")
     return None
