@@ -436,8 +436,15 @@ def make_row(
         except ValueError as error:
             raise BadSampleError(record.where, str(error), field_name) from error
 
-    try:
-        input_ids, labels, prompt_length = tokenize_conversation(processor, conversation)
+    extra = len(media["image"]) * ((processor.image_seq_length or 1) - 1) + sum(audio_tokens) - len(audio_tokens)
+    try:  # refused before the per-turn work: the limit less what the media add when expanded
+        limit = None if max_length is None else max_length - extra
+        input_ids, labels, prompt_length = tokenize_conversation(processor, conversation, limit)
+    except ConversationTooLong as error:
+        at_least = "" if error.exact else "at least "
+        raise OverlongError(
+            record.where, f"longer than max_length ({at_least}{error.tokens + extra} > {max_length} tokens)"
+        ) from error
     except TEMPLATE_ERRORS as error:  # a template that raises on this conversation fails this sample, not the run
         raise BadSampleError(
             record.where, f"the chat template cannot render it ({type(error).__name__}: {error})", "messages"
@@ -449,8 +456,7 @@ def make_row(
         found = input_ids.count(token_id) if token_id is not None else 0
         if found != count:  # a chat template that writes placeholders of its own
             raise BadSampleError(record.where, f"{found} placeholder tokens for {count} media items", "messages")
-    num_tokens = len(input_ids) + len(media["image"]) * ((processor.image_seq_length or 1) - 1)
-    num_tokens += sum(audio_tokens) - len(audio_tokens)
+    num_tokens = len(input_ids) + extra
     if max_length is not None and num_tokens > max_length:
         raise OverlongError(record.where, f"longer than max_length ({num_tokens} > {max_length} tokens)")
 
