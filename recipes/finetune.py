@@ -25,6 +25,7 @@ from transformers import EarlyStoppingCallback, set_seed
 from mmpeft.data import BadSampleError, MMPeftDataCollator, MMPeftDataset, SkipReport
 from mmpeft.hub import PushError, push_output
 from mmpeft.training import (
+    ConfigError,
     EncoderCheckpointingCallback,
     MMPeftTrainer,
     WandbRunInfoCallback,
@@ -242,5 +243,5 @@ def _finish_wandb() -> str | None:
 if __name__ == "__main__":
     try:
         main()
-    except (PushError, BadSampleError) as error:
+    except (PushError, BadSampleError, ConfigError) as error:
         sys.exit(f"mmpeft: {error}")

@@ -4,6 +4,7 @@
 
 Every key of the YAML file and every `--flag` is a field of one of the dataclasses below (or of
 `transformers.TrainingArguments`); an unknown key is an error that names it and suggests close matches.
+A setting that cannot work raises `ConfigError`, which the recipes report in one line.
 """
 
 import difflib
@@ -14,6 +15,10 @@ from typing import Literal
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, named with its value and the fix (the recipes print it as one line)."""
 
 
 @dataclass
@@ -37,9 +42,9 @@ class ModelArguments:
 
     def __post_init__(self):
         if self.model_name_or_path and (self.text_model or self.vision_model or self.audio_model):
-            raise ValueError("Give either model_name_or_path or text_model/vision_model/audio_model, not both.")
+            raise ConfigError("Give either model_name_or_path or text_model/vision_model/audio_model, not both.")
         if (self.vision_model or self.audio_model) and not self.text_model:
-            raise ValueError("Composing a model needs text_model (the LM) as well.")
+            raise ConfigError("Composing a model needs text_model (the LM) as well.")
 
 
 @dataclass
@@ -121,11 +126,11 @@ class DataArguments:
 
     def __post_init__(self):
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
-            raise ValueError(f"preprocessing_num_workers must be >= 1, got {self.preprocessing_num_workers}")
+            raise ConfigError(f"preprocessing_num_workers must be >= 1, got {self.preprocessing_num_workers}")
         if self.shuffle_buffer_size < 1:
-            raise ValueError(f"shuffle_buffer_size must be >= 1 (1: no shuffling), got {self.shuffle_buffer_size}")
+            raise ConfigError(f"shuffle_buffer_size must be >= 1 (1: no shuffling), got {self.shuffle_buffer_size}")
         self.train_data = [_dataset_spec(spec, "train_data") for spec in self.train_data]
         self.eval_data = [_dataset_spec(spec, "eval_data") for spec in self.eval_data]
 
@@ -134,10 +139,10 @@ def _dataset_spec(spec, name: str) -> dict:
     if isinstance(spec, str):
         spec = {"path": spec}
     if not isinstance(spec, dict) or "path" not in spec or set(spec) - {"path", "weight", "split"}:
-        raise ValueError(f"{name}: each entry is a path or a mapping with path, weight, split; got {spec!r}")
+        raise ConfigError(f"{name}: each entry is a path or a mapping with path, weight, split; got {spec!r}")
     spec = {"weight": 1.0, "split": "train" if name == "train_data" else "validation", **spec}
     if not spec["weight"] > 0:
-        raise ValueError(f"{name}: weight must be > 0, got {spec['weight']} for {spec['path']}")
+        raise ConfigError(f"{name}: weight must be > 0, got {spec['weight']} for {spec['path']}")
     return spec
 
 
@@ -207,13 +212,13 @@ class TuningArguments:
     def __post_init__(self):
         unknown = set(self.quantized_parts) - set(METHOD_DEFAULTS["full"])
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"quantized_parts: unknown parts {sorted(unknown)}; choose from {list(METHOD_DEFAULTS['full'])}"
             )
         if not 0 < self.encoder_learning_rate_scale <= 1:
-            raise ValueError(f"encoder_learning_rate_scale must be in (0, 1], got {self.encoder_learning_rate_scale}")
+            raise ConfigError(f"encoder_learning_rate_scale must be in (0, 1], got {self.encoder_learning_rate_scale}")
         if self.lora_r < 1:
-            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+            raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
 
     @property
     def components(self) -> dict[str, str]:
@@ -225,9 +230,11 @@ class TuningArguments:
                 chosen[part] = override
         uses_lora = "lora" in chosen.values()
         if self.method in ("full", "freeze") and uses_lora:
-            raise ValueError(f"method: {self.method} trains without adapters; set method: lora to use *_tuning: lora.")
+            raise ConfigError(
+                f"method: {self.method} trains without adapters; set method: lora to use *_tuning: lora."
+            )
         if self.method in ("lora", "qlora") and not uses_lora:
-            raise ValueError(f"method: {self.method} needs at least one part with *_tuning: lora.")
+            raise ConfigError(f"method: {self.method} needs at least one part with *_tuning: lora.")
         return chosen
 
 
@@ -293,26 +300,18 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, TuningArguments, MMPeftTraini
 def parse_args(argv: list[str] | None = None, default_config: str | None = None):
     """Parse `--config file.yaml` (or `default_config` when absent) and `--key value` overrides.
 
-    Returns `(model_args, data_args, tuning_args, training_args, config_path)`.
+    Returns `(model_args, data_args, tuning_args, training_args, config_path)`. Raises `ConfigError` for a missing
+    or unreadable config, an unknown key or flag, and a setting that cannot work.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    config_path = default_config
-    if "--config" in argv:
-        index = argv.index("--config")
-        config_path = argv[index + 1]
-        argv = argv[:index] + argv[index + 2 :]
+    config_path, argv = _config_argument(argv, default_config)
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     if config_path:
-        with open(config_path) as file:
-            values = yaml.safe_load(file) or {}
+        values = load_config(config_path)
         known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
-        unknown = sorted(set(values) - known)
+        unknown = [str(key) for key in values if key not in known]
         if unknown:
-            hints = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
-            raise ValueError(
-                f"{config_path}: unknown keys "
-                + ", ".join(f"{k!r}" + (f" (did you mean {v[0]!r}?)" if v else "") for k, v in hints.items())
-            )
+            raise ConfigError(f"{config_path}: unknown keys " + ", ".join(_with_hint(key, known) for key in unknown))
         # YAML values become the parser's defaults, so that command-line flags override them.
         parser.set_defaults(**values)
         for action in parser._actions:
@@ -320,16 +319,57 @@ def parse_args(argv: list[str] | None = None, default_config: str | None = None)
                 action.required = False
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
-        raise ValueError(f"unknown command-line arguments: {remaining}")
+        raise ConfigError(f"unknown command-line arguments: {remaining}")
     return (*parsed, os.path.abspath(config_path) if config_path else None)
+
+
+def _config_argument(argv: list[str], default: str | None) -> tuple[str | None, list[str]]:
+    """The config path given by `--config path` or `--config=path` (else `default`), and the other arguments."""
+    for index, argument in enumerate(argv):
+        if argument == "--config" or argument.startswith("--config="):
+            if argument == "--config":
+                path, rest = (argv[index + 1] if index + 1 < len(argv) else ""), argv[index + 2 :]
+            else:
+                path, rest = argument.split("=", 1)[1], argv[index + 1 :]
+            if not path or path.startswith("--"):
+                raise ConfigError("--config needs a YAML file path: --config path/to/config.yaml")
+            return path, argv[:index] + rest
+    return default, argv
+
+
+def load_config(path: str) -> dict:
+    """The settings of the YAML config at `path`, read with the safe loader."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as file:
+            loader = yaml.SafeLoader(file)
+            try:
+                values = loader.get_single_data() or {}
+            finally:
+                loader.dispose()
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config is a mapping of settings (key: value), got a {type(values).__name__}")
+    return values
+
+
+def _with_hint(word: str, known) -> str:
+    match = difflib.get_close_matches(word, known, n=1)
+    return f"{word!r}" + (f" (did you mean {match[0]!r}?)" if match else "")
 
 
 __all__ = [
     "ARGUMENT_CLASSES",
+    "ConfigError",
     "DataArguments",
     "METHOD_DEFAULTS",
     "MMPeftTrainingArguments",
     "ModelArguments",
     "TuningArguments",
+    "load_config",
     "parse_args",
 ]
