@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A setting that cannot work, named with its value and the fix (the recipes print it as one line)."""
 
 
+# Values a config may hold once its YAML aliases (*name) are expanded: real configs hold a few hundred, and an alias
+# bomb (aliases of aliases, "billion laughs") reads as a few lines but expands to billions when serialised (W&B).
+MAX_CONFIG_VALUES = 100_000
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
@@ -338,14 +343,26 @@ def _config_argument(argv: list[str], default: str | None) -> tuple[str | None, 
 
 
 def load_config(path: str) -> dict:
-    """The settings of the YAML config at `path`, read with the safe loader."""
+    """The settings of the YAML config at `path`, read with the safe loader.
+
+    Aliases (`*name`) are refused once they would expand the config beyond `MAX_CONFIG_VALUES` values (or into
+    itself): the values are shared in memory, but W&B and every other serialisation writes each copy out.
+    """
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path) as file:
             loader = yaml.SafeLoader(file)
             try:
-                values = loader.get_single_data() or {}
+                root = loader.get_single_node()
+                if root is not None:
+                    size = _expanded_size(root, {}, set(), path)
+                    if size > MAX_CONFIG_VALUES:
+                        raise ConfigError(
+                            f"{path}: its YAML aliases (*name) expand it to {size:,} values, over the limit of "
+                            f"{MAX_CONFIG_VALUES:,}: aliases may repeat small values only; write the values out"
+                        )
+                values = {} if root is None else loader.construct_document(root)
             finally:
                 loader.dispose()
     except yaml.YAMLError as error:
@@ -355,6 +372,24 @@ def load_config(path: str) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a config is a mapping of settings (key: value), got a {type(values).__name__}")
     return values
+
+
+def _expanded_size(node, sizes: dict, open_nodes: set, path: str) -> int:
+    """Values under a composed YAML `node` with every alias expanded; each shared node is measured once."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise ConfigError(f"{path}: a YAML alias (*name) refers to a value that contains it")
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = []
+    sizes[id(node)] = 1 + sum(_expanded_size(child, sizes, open_nodes, path) for child in children)
+    open_nodes.discard(id(node))
+    return sizes[id(node)]
 
 
 def _with_hint(word: str, known) -> str:

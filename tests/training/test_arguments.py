@@ -3,10 +3,12 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from mmpeft.training import ConfigError, parse_args
+from mmpeft.training.arguments import MAX_CONFIG_VALUES
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -16,6 +18,39 @@ def config(tmp_path, text: str) -> str:
     path = tmp_path / "config.yaml"
     path.write_text(text)
     return str(path)
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """Billion laughs: 9 aliases of 9 aliases of ... a list of 9 -- 9**9 values once expanded."""
+    names = "abcdefghijklmnop"
+    lines = [f"{names[0]}: &{names[0]} [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{names[i]}: &{names[i]} [{', '.join([f'*{names[i - 1]}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines)
+
+
+def test_a_yaml_alias_bomb_is_refused_without_expanding_it(tmp_path):
+    # The anchors sit inside a key of their own: the last one is wandb_tags, which W&B would serialise.
+    path = config(tmp_path, alias_bomb().replace("i: &i", "wandb_tags: &i") + "\n")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"config.yaml: its YAML aliases \(\*name\) expand it to [\d,]{11} values"):
+        parse_args(["--config", path, "--report_to", "none"])
+    assert time.monotonic() - start < 30  # a generous bound: expanding it would take minutes and gigabytes
+
+
+def test_a_yaml_alias_into_itself_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="a YAML alias .* refers to a value that contains it"):
+        parse_args(["--config", config(tmp_path, "wandb_tags: &tags [a, *tags]\n")])
+
+
+def test_a_config_with_a_few_aliases_loads(tmp_path):
+    text = "wandb_tags: &tags [lora, tiny]\nwandb_group: &group compare\nrun_name: *group\n"
+    text += "train_data:\n  - {path: a.jsonl, weight: &w 2}\n  - {path: b.jsonl, weight: *w}\n"
+    _, data_args, _, training_args, _ = parse_args(["--config", config(tmp_path, text), "--report_to", "none"])
+    assert training_args.wandb_tags == ["lora", "tiny"] and training_args.run_name == "compare"
+    assert [spec["weight"] for spec in data_args.train_data] == [2.0, 2.0]
+    # The bound leaves room for any real config.
+    many = "wandb_tags: [" + ", ".join(["t"] * (MAX_CONFIG_VALUES // 10)) + "]\n"
+    assert len(parse_args(["--config", config(tmp_path, many), "--report_to", "none"])[3].wandb_tags) > 1000
 
 
 @pytest.mark.parametrize(
