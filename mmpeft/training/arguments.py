@@ -3,8 +3,8 @@
     accelerate launch recipes/finetune.py --config recipes/configs/tiny_lora.yaml --learning_rate 1e-3
 
 Every key of the YAML file and every `--flag` is a field of one of the dataclasses below (or of
-`transformers.TrainingArguments`); an unknown key is an error that names it and suggests close matches.
-A setting that cannot work raises `ConfigError`, which the recipes report in one line.
+`transformers.TrainingArguments`); an unknown key or flag (flags are never abbreviated) is an error that names it and
+suggests close matches. A setting that cannot work raises `ConfigError`, which the recipes report in one line.
 """
 
 import difflib
@@ -310,7 +310,8 @@ def parse_args(argv: list[str] | None = None, default_config: str | None = None)
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     config_path, argv = _config_argument(argv, default_config)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    # No abbreviations: `--learning_r 0.5` would otherwise silently set learning_rate.
+    parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
     if config_path:
         values = load_config(config_path)
         known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
@@ -324,7 +325,13 @@ def parse_args(argv: list[str] | None = None, default_config: str | None = None)
                 action.required = False
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
-        raise ConfigError(f"unknown command-line arguments: {remaining}")
+        flags = {option for action in parser._actions for option in action.option_strings}
+        hints = [
+            f"{word!r}: did you mean {match[0]!r}?"
+            for word in (word.split("=")[0] for word in remaining if word.startswith("--"))
+            if (match := difflib.get_close_matches(word, flags, n=1))
+        ]
+        raise ConfigError(f"unknown command-line arguments: {remaining}" + (f" ({'; '.join(hints)})" if hints else ""))
     return (*parsed, os.path.abspath(config_path) if config_path else None)
 
 

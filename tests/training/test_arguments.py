@@ -77,6 +77,16 @@ def test_config_needs_a_path_to_an_existing_file(tmp_path):
     assert parse_args([f"--config={path}", "--report_to", "none"])[3].learning_rate == 0.25
 
 
+def test_flags_are_never_abbreviated(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"\['--learning_r', '0.5'\] \('--learning_r': did you mean '--learning_rate'"
+    ):
+        parse_args(["--learning_r", "0.5", "--report_to", "none"])
+    with pytest.raises(ConfigError, match=r"unknown command-line arguments: \['--learning_r=0.5'\]"):
+        parse_args(["--learning_r=0.5", "--report_to", "none"])
+    assert parse_args(["--learning_rate", "0.5", "--report_to", "none"])[3].learning_rate == 0.5
+
+
 def test_the_recipe_reports_a_config_error_in_one_line(tmp_path):
     run = subprocess.run(
         [sys.executable, os.path.join(REPO, "recipes", "finetune.py"), "--config", str(tmp_path / "missing.yaml")],
