@@ -58,7 +58,8 @@ class DataArguments:
         default_factory=list,
         metadata={
             "help": "Training datasets: paths (JSONL/JSON of messages or LLaVA conversations, a saved `datasets` "
-            "folder) or Hub ids, or {path, weight, split} mappings. Empty: the embedded synthetic dataset."
+            "folder) or Hub ids, or {path, weight, split} mappings; one path or mapping alone is a list of one. "
+            "Empty: the embedded synthetic dataset."
         },
     )
     eval_data: list[str] = field(default_factory=list, metadata={"help": "Evaluation datasets, as train_data."})
@@ -136,8 +137,13 @@ class DataArguments:
             raise ConfigError(f"preprocessing_num_workers must be >= 1, got {self.preprocessing_num_workers}")
         if self.shuffle_buffer_size < 1:
             raise ConfigError(f"shuffle_buffer_size must be >= 1 (1: no shuffling), got {self.shuffle_buffer_size}")
-        self.train_data = [_dataset_spec(spec, "train_data") for spec in self.train_data]
-        self.eval_data = [_dataset_spec(spec, "eval_data") for spec in self.eval_data]
+        self.train_data = [_dataset_spec(spec, "train_data") for spec in _as_list(self.train_data)]
+        self.eval_data = [_dataset_spec(spec, "eval_data") for spec in _as_list(self.eval_data)]
+
+
+def _as_list(value) -> list:
+    # `train_data: data.jsonl` means one dataset, not one per character of its name.
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _dataset_spec(spec, name: str) -> dict:

@@ -87,6 +87,17 @@ def test_flags_are_never_abbreviated(tmp_path):
     assert parse_args(["--learning_rate", "0.5", "--report_to", "none"])[3].learning_rate == 0.5
 
 
+@pytest.mark.parametrize("name", ["train_data", "eval_data"])
+def test_one_dataset_may_be_given_without_a_list(tmp_path, name):
+    data_args = parse_args(["--config", config(tmp_path, f"{name}: data.jsonl\n"), "--report_to", "none"])[1]
+    assert [spec["path"] for spec in getattr(data_args, name)] == ["data.jsonl"]
+    text = f"{name}: {{path: data.jsonl, weight: 2}}\n"
+    data_args = parse_args(["--config", config(tmp_path, text), "--report_to", "none"])[1]
+    assert [(spec["path"], spec["weight"]) for spec in getattr(data_args, name)] == [("data.jsonl", 2.0)]
+    data_args = parse_args([f"--{name}", "data.jsonl", "--report_to", "none"])[1]
+    assert [spec["path"] for spec in getattr(data_args, name)] == ["data.jsonl"]
+
+
 def test_the_recipe_reports_a_config_error_in_one_line(tmp_path):
     run = subprocess.run(
         [sys.executable, os.path.join(REPO, "recipes", "finetune.py"), "--config", str(tmp_path / "missing.yaml")],
