@@ -24,6 +24,8 @@ class ConfigError(ValueError):
 # Values a config may hold once its YAML aliases (*name) are expanded: real configs hold a few hundred, and an alias
 # bomb (aliases of aliases, "billion laughs") reads as a few lines but expands to billions when serialised (W&B).
 MAX_CONFIG_VALUES = 100_000
+# Largest mixing weight of a dataset (it is repeated that many times).
+MAX_WEIGHT = 1000
 
 
 @dataclass
@@ -59,7 +61,8 @@ class DataArguments:
         metadata={
             "help": "Training datasets: paths (JSONL/JSON of messages or LLaVA conversations, a saved `datasets` "
             "folder) or Hub ids, or {path, weight, split} mappings; one path or mapping alone is a list of one. "
-            "Empty: the embedded synthetic dataset."
+            f"weight: how many times the dataset is repeated in the mixture, a number in (0, {MAX_WEIGHT}] (default "
+            "1; a fraction draws that share of it). Empty: the embedded synthetic dataset."
         },
     )
     eval_data: list[str] = field(default_factory=list, metadata={"help": "Evaluation datasets, as train_data."})
@@ -149,12 +152,24 @@ def _as_list(value) -> list:
 def _dataset_spec(spec, name: str) -> dict:
     if isinstance(spec, str):
         spec = {"path": spec}
-    if not isinstance(spec, dict) or "path" not in spec or set(spec) - {"path", "weight", "split"}:
+    if (
+        not isinstance(spec, dict)
+        or set(spec) - {"path", "weight", "split"}
+        or not isinstance(spec.get("path"), str)
+        or not spec["path"]
+    ):
         raise ConfigError(f"{name}: each entry is a path or a mapping with path, weight, split; got {spec!r}")
     spec = {"weight": 1.0, "split": "train" if name == "train_data" else "validation", **spec}
-    if not spec["weight"] > 0:
-        raise ConfigError(f"{name}: weight must be > 0, got {spec['weight']} for {spec['path']}")
-    return spec
+    weight = spec["weight"]
+    # Not a bool, text ("1e9" is text in YAML), nan, inf, or so large that repeating the dataset exhausts memory.
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= MAX_WEIGHT:
+        raise ConfigError(
+            f"{name}: the weight of {spec['path']} must be a number in (0, {MAX_WEIGHT}] (times the dataset is "
+            f"repeated), got {weight!r}"
+        )
+    if not isinstance(spec["split"], str):
+        raise ConfigError(f"{name}: the split of {spec['path']} must be a split name, got {spec['split']!r}")
+    return {**spec, "weight": float(weight)}
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Configs and command lines that cannot work are refused up front, in one line naming the value and the fix."""
 
+import math
 import os
 import subprocess
 import sys
@@ -96,6 +97,20 @@ def test_one_dataset_may_be_given_without_a_list(tmp_path, name):
     assert [(spec["path"], spec["weight"]) for spec in getattr(data_args, name)] == [("data.jsonl", 2.0)]
     data_args = parse_args([f"--{name}", "data.jsonl", "--report_to", "none"])[1]
     assert [spec["path"] for spec in getattr(data_args, name)] == ["data.jsonl"]
+
+
+@pytest.mark.parametrize("weight", ["1e9", "1.0e9", ".inf", ".nan", "two", "-1", "0", "true", "[1]"])
+def test_mixing_weights_outside_the_allowed_range_are_refused(tmp_path, weight):
+    text = f"train_data:\n  - {{path: data.jsonl, weight: {weight}}}\n"
+    with pytest.raises(ConfigError, match=r"train_data: the weight of data.jsonl must be a number in \(0, 1000\]"):
+        parse_args(["--config", config(tmp_path, text), "--report_to", "none"])
+
+
+def test_mixing_weights_within_the_range_are_kept(tmp_path):
+    text = "train_data:\n  - {path: a.jsonl, weight: 0.5}\n  - {path: b.jsonl, weight: 1000}\n  - c.jsonl\n"
+    data_args = parse_args(["--config", config(tmp_path, text), "--report_to", "none"])[1]
+    assert [spec["weight"] for spec in data_args.train_data] == [0.5, 1000.0, 1.0]
+    assert not any(math.isnan(spec["weight"]) for spec in data_args.train_data)
 
 
 def test_the_recipe_reports_a_config_error_in_one_line(tmp_path):
