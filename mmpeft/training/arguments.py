@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import yaml
+from huggingface_hub import try_to_load_from_cache
 from transformers import HfArgumentParser, TrainingArguments
 
 
@@ -425,6 +426,39 @@ def _with_hint(word: str, known) -> str:
     return f"{word!r}" + (f" (did you mean {match[0]!r}?)" if match else "")
 
 
+def check_model_path(name: str, value: str | None) -> str | None:
+    """`value` of the model setting `name` (model_name_or_path, text_model, ...), refused in one line when it is
+    meant as a folder but is none, or names a Hub model that cannot be had offline (transformers would report
+    either as a Hub connection error). A Hub id (`owner/name`) is returned as given, a folder with `~` expanded."""
+    if not value:
+        return value
+    path = os.path.expanduser(value)
+    if os.path.isdir(path):
+        return path
+    parent = os.path.dirname(path.rstrip("/\\"))
+    looks_local = (
+        value.startswith((".", "/", "~", "\\"))
+        or value.count("/") > 1
+        or (os.sep != "/" and os.sep in value)
+        or os.path.exists(path)
+        or (parent and os.path.isdir(parent))  # ./outputs exists, ./outputs/stage1 does not
+    )
+    if looks_local:
+        what = "a file" if os.path.exists(path) else "not found"
+        raise ConfigError(f"{name}: {value} is not a folder ({what}); give the folder of a saved model or a Hub id")
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        try:
+            cached = isinstance(try_to_load_from_cache(value, "config.json"), str)
+        except Exception:  # not even a valid repo id
+            cached = False
+        if not cached:
+            raise ConfigError(
+                f"{name}: {value} is not a folder, nor a model in the local Hub cache, and HF_HUB_OFFLINE is set "
+                "(nothing is downloaded)"
+            )
+    return value
+
+
 __all__ = [
     "ARGUMENT_CLASSES",
     "ConfigError",
@@ -433,6 +467,7 @@ __all__ = [
     "MMPeftTrainingArguments",
     "ModelArguments",
     "TuningArguments",
+    "check_model_path",
     "load_config",
     "parse_args",
 ]

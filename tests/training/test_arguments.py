@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from mmpeft.training import ConfigError, parse_args
-from mmpeft.training.arguments import MAX_CONFIG_VALUES
+from mmpeft.training import ConfigError, ModelArguments, load_model, parse_args
+from mmpeft.training.arguments import MAX_CONFIG_VALUES, check_model_path
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -113,6 +113,34 @@ def test_mixing_weights_within_the_range_are_kept(tmp_path):
     assert not any(math.isnan(spec["weight"]) for spec in data_args.train_data)
 
 
+@pytest.mark.parametrize("name", ["model_name_or_path", "text_model", "vision_model", "audio_model"])
+@pytest.mark.parametrize("value", ["./chekpoint", "../chekpoint", "/no/such/chekpoint", "~/chekpoint", "a/b/c"])
+def test_a_mistyped_model_folder_is_named_as_such(name, value, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"^{name}: {value} is not a folder \(not found\)"):
+        check_model_path(name, value)
+
+
+def test_model_paths_that_exist_in_part_or_as_a_file_are_not_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "weights.safetensors").write_text("")
+    with pytest.raises(ConfigError, match=r"^model_name_or_path: outputs/stage1 is not a folder \(not found\)"):
+        check_model_path("model_name_or_path", "outputs/stage1")
+    with pytest.raises(ConfigError, match=r"^text_model: weights.safetensors is not a folder \(a file\)"):
+        check_model_path("text_model", "weights.safetensors")
+    assert check_model_path("model_name_or_path", "outputs") == "outputs"
+
+
+def test_a_hub_id_that_cannot_be_had_offline_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"^model_name_or_path: chekpoint is not a folder, nor a model in the local"):
+        check_model_path("model_name_or_path", "chekpoint")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert check_model_path("text_model", "owner/model") == "owner/model"  # left to the Hub
+
+
 def test_the_recipe_reports_a_config_error_in_one_line(tmp_path):
     run = subprocess.run(
         [sys.executable, os.path.join(REPO, "recipes", "finetune.py"), "--config", str(tmp_path / "missing.yaml")],
@@ -123,3 +151,11 @@ def test_the_recipe_reports_a_config_error_in_one_line(tmp_path):
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == f"mmpeft: config file not found: {tmp_path / 'missing.yaml'}"
     assert "Traceback" not in run.stderr
+
+
+def test_loading_a_mistyped_model_folder_names_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^model_name_or_path: ./chekpoint is not a folder"):
+        load_model(ModelArguments(model_name_or_path="./chekpoint"))
+    with pytest.raises(ConfigError, match=r"^text_model: ../lm is not a folder"):
+        load_model(ModelArguments(text_model="../lm"))
