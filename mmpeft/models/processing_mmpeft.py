@@ -43,6 +43,22 @@ AUDIO_MASK_LENGTHS = {
 }
 
 
+def load_without_code(auto_class, name_or_path, **kwargs):
+    """`auto_class.from_pretrained(name_or_path)` (a tokenizer, image processor or feature extractor) that never runs
+    code from the checkpoint: an `auto_map` to custom code is refused in one line, where transformers would ask
+    "[y/N]" on the terminal (a non-interactive job hangs, or runs the code if something answers y)."""
+    kwargs["trust_remote_code"] = False  # mmpeft's parts are transformers classes; none needs a checkpoint's code
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(
+            f"{name_or_path}: its {auto_class.__name__[4:]} config maps to custom code (auto_map); mmpeft never runs "
+            "code from a checkpoint: use a checkpoint whose parts are transformers classes"
+        ) from None
+
+
 class MMPeftProcessor(ProcessorMixin):
     r"""
     Turns text with `<image>` / `<audio>` placeholders, images and audio into model inputs.
@@ -118,10 +134,10 @@ class MMPeftProcessor(ProcessorMixin):
         kwargs.pop("subfolder", None)
         image_processor = feature_extractor = None
         if processor_dict.get("image_processor") is not None:
-            image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+            image_processor = load_without_code(AutoImageProcessor, pretrained_model_name_or_path, **kwargs)
         if processor_dict.get("feature_extractor") is not None:
-            feature_extractor = AutoFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+            feature_extractor = load_without_code(AutoFeatureExtractor, pretrained_model_name_or_path, **kwargs)
+        tokenizer = load_without_code(AutoTokenizer, pretrained_model_name_or_path, **kwargs)
         return [image_processor, feature_extractor, tokenizer]
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
@@ -218,4 +234,4 @@ class MMPeftProcessor(ProcessorMixin):
         return names
 
 
-__all__ = ["MMPeftProcessor", "DEFAULT_CHAT_TEMPLATE", "CHAT_SPECIAL_TOKENS"]
+__all__ = ["MMPeftProcessor", "DEFAULT_CHAT_TEMPLATE", "CHAT_SPECIAL_TOKENS", "load_without_code"]
