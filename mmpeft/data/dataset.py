@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils.chat_template_utils import _get_control_token_patterns, mark_control_tokens
 
+from ..models.processing_mmpeft import ChatTemplateTimeout
 from .formats import BadSampleError, Record, to_conversation
 from .media import MediaError, audio_length, check_image, load_audio, load_image
 
@@ -230,7 +231,10 @@ def make_row(
         except ValueError as error:
             raise BadSampleError(record.where, str(error), field_name) from error
 
-    input_ids, labels, prompt_length = tokenize_conversation(processor, conversation)
+    try:
+        input_ids, labels, prompt_length = tokenize_conversation(processor, conversation)
+    except ChatTemplateTimeout as error:  # the template rendered this sample too long (a loop over its content?)
+        raise BadSampleError(record.where, str(error), "messages") from error
     for token_id, count in (
         (processor.image_token_id, len(media["image"])),
         (processor.audio_token_id, len(audio_tokens)),

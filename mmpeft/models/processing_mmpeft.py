@@ -4,7 +4,11 @@ This file is copied next to saved checkpoints for `trust_remote_code` loading, s
 transformers and its sibling `configuration_mmpeft.py`.
 """
 
+import contextlib
 import math
+import os
+import signal
+import threading
 
 import numpy as np
 from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
@@ -30,6 +34,48 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+# Longest one `apply_chat_template` call may render, in seconds (wall clock). A chat template comes with the
+# checkpoint and is a program: nested loops (`range` is capped at 100,000, not their product) render for hours.
+# Real templates render a conversation in milliseconds.
+CHAT_TEMPLATE_TIME_LIMIT = 5.0
+
+
+class ChatTemplateTimeout(TimeoutError):
+    """A chat template that rendered for longer than its time limit (`CHAT_TEMPLATE_TIME_LIMIT`)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, message: str):
+    """Raise `ChatTemplateTimeout(message)` inside the block once it has run for `seconds` (wall clock).
+
+    A `SIGALRM` timer interrupts pure-Python work such as rendering a Jinja template. Signals reach only the main
+    thread, so elsewhere (and where a timer is already set, or on platforms without one) the block runs unlimited;
+    data preparation runs in the main thread of its worker processes.
+    """
+    usable = (
+        hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+        and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    )
+    if not usable:
+        yield
+        return
+    running = [True]
+
+    def expire(signum, frame):
+        if running[0]:  # not once the block has ended and the timer is being cleared
+            raise ChatTemplateTimeout(message)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        running[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
 
 # Name of the padding mask the model takes next to each kind of audio input.
 AUDIO_MASK_NAMES = {"input_features": "feature_attention_mask", "input_values": "input_values_mask"}
@@ -126,6 +172,38 @@ class MMPeftProcessor(ProcessorMixin):
         }
         self.get_attributes = lambda: list(present)
         super().__init__(**present, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`ProcessorMixin.from_pretrained`, refusing a chat template that cannot render a short conversation within
+        `CHAT_TEMPLATE_TIME_LIMIT` (it would hang data preparation); sub-processors never run checkpoint code."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        probe = [
+            {"role": "user", "content": [{"type": "text", "text": "Hello."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Hi."}]},
+        ]
+        try:
+            processor.apply_chat_template([probe, probe[:1]], tokenize=False)
+        except ChatTemplateTimeout:
+            source = os.path.join(pretrained_model_name_or_path, "chat_template.jinja")
+            source = source if os.path.isfile(source) else f"the chat template of {pretrained_model_name_or_path}"
+            raise ValueError(
+                f"{source}: rendering a two-message conversation took over {CHAT_TEMPLATE_TIME_LIMIT:g} s; "
+                "mmpeft refuses the template (does it loop for long?)"
+            ) from None
+        except Exception:  # noqa: BLE001 -- other failures are the data's to report, sample by sample
+            pass
+        return processor
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """`ProcessorMixin.apply_chat_template`; rendering to text (`tokenize=False`, the default) is limited to
+        `CHAT_TEMPLATE_TIME_LIMIT` seconds and raises `ChatTemplateTimeout` beyond (tokenizing also loads media,
+        which takes its own time)."""
+        if kwargs.get("tokenize"):
+            return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        limit = CHAT_TEMPLATE_TIME_LIMIT
+        with time_limit(limit, f"chat template: rendering took over {limit:g} s"):
+            return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
@@ -234,4 +312,12 @@ class MMPeftProcessor(ProcessorMixin):
         return names
 
 
-__all__ = ["MMPeftProcessor", "DEFAULT_CHAT_TEMPLATE", "CHAT_SPECIAL_TOKENS", "load_without_code"]
+__all__ = [
+    "CHAT_SPECIAL_TOKENS",
+    "CHAT_TEMPLATE_TIME_LIMIT",
+    "ChatTemplateTimeout",
+    "DEFAULT_CHAT_TEMPLATE",
+    "MMPeftProcessor",
+    "load_without_code",
+    "time_limit",
+]
