@@ -25,6 +25,7 @@ from transformers import EarlyStoppingCallback, set_seed
 from mmpeft.data import BadSampleError, MMPeftDataCollator, MMPeftDataset, SkipReport
 from mmpeft.hub import PushError, push_output
 from mmpeft.training import (
+    ConfigError,
     EncoderCheckpointingCallback,
     MMPeftTrainer,
     WandbRunInfoCallback,
@@ -246,5 +247,5 @@ def _finish_wandb() -> str | None:
 if __name__ == "__main__":
     try:
         main()
-    except (PushError, BadSampleError) as error:
+    except (PushError, BadSampleError, ConfigError, FileNotFoundError) as error:  # the data or the setting at fault
         sys.exit(f"mmpeft: {error}")

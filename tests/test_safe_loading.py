@@ -7,6 +7,7 @@ the unsafe way, and that mmpeft's loading refuses it without running it."""
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import torch
 from recipe_helpers import TINY, finetune
 from tiny_parts import build
 
-from mmpeft import MMPeftForConditionalGeneration
+from mmpeft import MMPeftForConditionalGeneration, MMPeftProcessor
 from mmpeft.training.export import merge_adapter
 
 
@@ -99,3 +100,62 @@ def test_model_code_next_to_a_checkpoint_runs_only_with_trust_remote_code(tmp_pa
     )  # fmt: skip
     assert trusted.returncode == 0, trusted.stderr[-2000:]
     assert marker.exists()
+
+
+# Each part's config, and the keys that make transformers look for a checkpoint's own class.
+AUTO_MAPS = {
+    "tokenizer": ("tokenizer_config.json", None, "tokenizer_class", "AutoTokenizer"),
+    "image_processor": ("processor_config.json", "image_processor", "image_processor_type", "AutoImageProcessor"),
+    "feature_extractor": (
+        "processor_config.json", "feature_extractor", "feature_extractor_type", "AutoFeatureExtractor"
+    ),
+}  # fmt: skip
+
+
+def plant_auto_map(folder, part, marker):
+    """Map `part` to a class in a .py file planted in `folder`, which creates `marker` when imported."""
+    (folder / "custom.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nfrom transformers import PreTrainedTokenizerFast as Custom\n"
+    )
+    name, key, type_key, auto_class = AUTO_MAPS[part]
+    config = json.loads((folder / name).read_text())
+    settings = config[key] if key else config
+    settings[type_key] = "Custom"
+    settings["auto_map"] = {auto_class: ["custom.Custom", "custom.Custom"] if part == "tokenizer" else "custom.Custom"}
+    (folder / name).write_text(json.dumps(config))
+
+
+@pytest.fixture
+def prompts(tmp_path, monkeypatch):
+    """What transformers asks on the terminal; each prompt is answered y (run the code)."""
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda *args: asked.append(args) or "y")
+    monkeypatch.setattr("transformers.dynamic_module_utils.HF_MODULES_CACHE", str(tmp_path / "modules"))
+    return asked
+
+
+@pytest.mark.parametrize("part", list(AUTO_MAPS))
+def test_a_processor_part_mapped_to_custom_code_is_refused_without_a_prompt(part, tmp_path, tok, prompts):
+    _, processor = build(tok=tok)
+    folder = tmp_path / "model"
+    processor.save_pretrained(folder)
+    marker = tmp_path / "ran"
+    plant_auto_map(folder, part, marker)
+    with pytest.raises(ValueError, match=r"maps to custom code \(auto_map\); mmpeft never runs code from"):
+        MMPeftProcessor.from_pretrained(folder)
+    assert not prompts and not marker.exists()
+
+
+def test_a_part_mapped_to_custom_code_is_refused_when_composing(parts, tmp_path, prompts):
+    root, _ = parts
+    text = tmp_path / "lm"
+    shutil.copytree(root / "lm", text)
+    marker = tmp_path / "ran"
+    plant_auto_map(text, "tokenizer", marker)
+    # A model of its own kind (transformers has no tokenizer for it): only then would its code be needed.
+    config = json.loads((text / "config.json").read_text())
+    config.update(model_type="custom", auto_map={"AutoConfig": "custom.Custom"})
+    (text / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"lm: its Tokenizer config maps to custom code \(auto_map\)"):
+        MMPeftForConditionalGeneration.from_pretrained_parts(text=text)
+    assert not prompts and not marker.exists()

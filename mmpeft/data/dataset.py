@@ -27,6 +27,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils.chat_template_utils import _get_control_token_patterns, mark_control_tokens
 
+from ..models import processing_mmpeft
+from ..models.processing_mmpeft import ChatTemplateTimeout, time_limit
 from .formats import BadSampleError, Record, to_conversation
 from .media import MediaError, audio_length, check_image, load_audio, load_image
 from .sources import MediaPolicy, check_budget, check_unchanged, fetch, is_remote
@@ -439,12 +441,18 @@ def make_row(
     extra = len(media["image"]) * ((processor.image_seq_length or 1) - 1) + sum(audio_tokens) - len(audio_tokens)
     try:  # refused before the per-turn work: the limit less what the media add when expanded
         limit = None if max_length is None else max_length - extra
-        input_ids, labels, prompt_length = tokenize_conversation(processor, conversation, limit)
+        # Every render is limited (prefixes are rendered outside `apply_chat_template` too): a template that loops
+        # over this sample's content fails the sample.
+        seconds = processing_mmpeft.CHAT_TEMPLATE_TIME_LIMIT
+        with time_limit(seconds, f"chat template: rendering took over {seconds:g} s"):
+            input_ids, labels, prompt_length = tokenize_conversation(processor, conversation, limit)
     except ConversationTooLong as error:
         at_least = "" if error.exact else "at least "
         raise OverlongError(
             record.where, f"longer than max_length ({at_least}{error.tokens + extra} > {max_length} tokens)"
         ) from error
+    except ChatTemplateTimeout as error:  # the template rendered this sample too long (a loop over its content?)
+        raise BadSampleError(record.where, str(error), "messages") from error
     except TEMPLATE_ERRORS as error:  # a template that raises on this conversation fails this sample, not the run
         raise BadSampleError(
             record.where, f"the chat template cannot render it ({type(error).__name__}: {error})", "messages"

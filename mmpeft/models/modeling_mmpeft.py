@@ -89,6 +89,7 @@ def build_vision_tower(vision_config) -> PreTrainedModel:
 def load_vision_tower(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     """The pretrained vision encoder of a checkpoint (safetensors weights only); for dual encoders (CLIP, SigLIP)
     its vision half."""
+    kwargs["trust_remote_code"] = False  # never a checkpoint's own code (nor a "[y/N]" prompt)
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     config = getattr(config, "vision_config", None) or config
     tower = AutoModel.from_pretrained(name_or_path, config=config, use_safetensors=True, **kwargs)
@@ -98,6 +99,7 @@ def load_vision_tower(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedMo
 def load_audio_tower(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     """The pretrained audio encoder of a checkpoint (safetensors weights only); for encoder-decoders (Whisper) its
     encoder half."""
+    kwargs["trust_remote_code"] = False  # never a checkpoint's own code (nor a "[y/N]" prompt)
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     config = getattr(config, "audio_config", None) or config
     encoder_class = _audio_encoder_class(config)
@@ -261,15 +263,17 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             )
             ```
         """
-        from .processing_mmpeft import CHAT_SPECIAL_TOKENS, MMPeftProcessor
+        from .processing_mmpeft import CHAT_SPECIAL_TOKENS, MMPeftProcessor, load_without_code
 
-        tokenizer = AutoTokenizer.from_pretrained(text)
+        tokenizer = load_without_code(AutoTokenizer, text)
         placeholders = {"image": "<image>" if vision else None, "audio": "<audio>" if audio else None}
         new_tokens = [
             t for t in [*CHAT_SPECIAL_TOKENS, *placeholders.values()] if t and t not in tokenizer.get_vocab()
         ]
         tokenizer.add_tokens(new_tokens, special_tokens=True)
-        language_model = AutoModelForCausalLM.from_pretrained(text, dtype=dtype, use_safetensors=True)
+        language_model = AutoModelForCausalLM.from_pretrained(
+            text, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
         if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
             language_model.resize_token_embeddings(len(tokenizer))
 
@@ -315,8 +319,8 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         model.generation_config = generation_config
 
         processor = MMPeftProcessor(
-            image_processor=AutoImageProcessor.from_pretrained(vision) if vision else None,
-            feature_extractor=AutoFeatureExtractor.from_pretrained(audio) if audio else None,
+            image_processor=load_without_code(AutoImageProcessor, vision) if vision else None,
+            feature_extractor=load_without_code(AutoFeatureExtractor, audio) if audio else None,
             tokenizer=tokenizer,
             chat_template=chat_template,
             image_seq_length=config.num_image_tokens if vision else None,

@@ -4,7 +4,11 @@ This file is copied next to saved checkpoints for `trust_remote_code` loading, s
 transformers and its sibling `configuration_mmpeft.py`.
 """
 
+import contextlib
 import math
+import os
+import signal
+import threading
 
 import numpy as np
 from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
@@ -31,6 +35,48 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# Longest one `apply_chat_template` call may render, in seconds (wall clock). A chat template comes with the
+# checkpoint and is a program: nested loops (`range` is capped at 100,000, not their product) render for hours.
+# Real templates render a conversation in milliseconds.
+CHAT_TEMPLATE_TIME_LIMIT = 5.0
+
+
+class ChatTemplateTimeout(TimeoutError):
+    """A chat template that rendered for longer than its time limit (`CHAT_TEMPLATE_TIME_LIMIT`)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, message: str):
+    """Raise `ChatTemplateTimeout(message)` inside the block once it has run for `seconds` (wall clock).
+
+    A `SIGALRM` timer interrupts pure-Python work such as rendering a Jinja template. Signals reach only the main
+    thread, so elsewhere (and where a timer is already set, or on platforms without one) the block runs unlimited;
+    data preparation runs in the main thread of its worker processes.
+    """
+    usable = (
+        hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+        and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    )
+    if not usable:
+        yield
+        return
+    running = [True]
+
+    def expire(signum, frame):
+        if running[0]:  # not once the block has ended and the timer is being cleared
+            raise ChatTemplateTimeout(message)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        running[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 # Name of the padding mask the model takes next to each kind of audio input.
 AUDIO_MASK_NAMES = {"input_features": "feature_attention_mask", "input_values": "input_values_mask"}
 
@@ -41,6 +87,22 @@ AUDIO_MASK_LENGTHS = {
     "WhisperFeatureExtractor": lambda extractor, n: -(-n // extractor.hop_length),  # its mask is taken every hop
     "Wav2Vec2FeatureExtractor": lambda extractor, n: n,  # one position per sample
 }
+
+
+def load_without_code(auto_class, name_or_path, **kwargs):
+    """`auto_class.from_pretrained(name_or_path)` (a tokenizer, image processor or feature extractor) that never runs
+    code from the checkpoint: an `auto_map` to custom code is refused in one line, where transformers would ask
+    "[y/N]" on the terminal (a non-interactive job hangs, or runs the code if something answers y)."""
+    kwargs["trust_remote_code"] = False  # mmpeft's parts are transformers classes; none needs a checkpoint's code
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(
+            f"{name_or_path}: its {auto_class.__name__[4:]} config maps to custom code (auto_map); mmpeft never runs "
+            "code from a checkpoint: use a checkpoint whose parts are transformers classes"
+        ) from None
 
 
 class MMPeftProcessor(ProcessorMixin):
@@ -112,16 +174,48 @@ class MMPeftProcessor(ProcessorMixin):
         super().__init__(**present, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`ProcessorMixin.from_pretrained`, refusing a chat template that cannot render a short conversation within
+        `CHAT_TEMPLATE_TIME_LIMIT` (it would hang data preparation); sub-processors never run checkpoint code."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        probe = [
+            {"role": "user", "content": [{"type": "text", "text": "Hello."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Hi."}]},
+        ]
+        try:
+            processor.apply_chat_template([probe, probe[:1]], tokenize=False)
+        except ChatTemplateTimeout:
+            source = os.path.join(pretrained_model_name_or_path, "chat_template.jinja")
+            source = source if os.path.isfile(source) else f"the chat template of {pretrained_model_name_or_path}"
+            raise ValueError(
+                f"{source}: rendering a two-message conversation took over {CHAT_TEMPLATE_TIME_LIMIT:g} s; "
+                "mmpeft refuses the template (does it loop for long?)"
+            ) from None
+        except Exception:  # noqa: BLE001 -- other failures are the data's to report, sample by sample
+            pass
+        return processor
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """`ProcessorMixin.apply_chat_template`; rendering to text (`tokenize=False`, the default) is limited to
+        `CHAT_TEMPLATE_TIME_LIMIT` seconds and raises `ChatTemplateTimeout` beyond (tokenizing also loads media,
+        which takes its own time)."""
+        if kwargs.get("tokenize"):
+            return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        limit = CHAT_TEMPLATE_TIME_LIMIT
+        with time_limit(limit, f"chat template: rendering took over {limit:g} s"):
+            return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+
+    @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         # A saved processor lists only the sub-processors it has in processor_config.json.
         processor_dict = processor_dict or {}
         kwargs.pop("subfolder", None)
         image_processor = feature_extractor = None
         if processor_dict.get("image_processor") is not None:
-            image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+            image_processor = load_without_code(AutoImageProcessor, pretrained_model_name_or_path, **kwargs)
         if processor_dict.get("feature_extractor") is not None:
-            feature_extractor = AutoFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+            feature_extractor = load_without_code(AutoFeatureExtractor, pretrained_model_name_or_path, **kwargs)
+        tokenizer = load_without_code(AutoTokenizer, pretrained_model_name_or_path, **kwargs)
         return [image_processor, feature_extractor, tokenizer]
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
@@ -218,4 +312,12 @@ class MMPeftProcessor(ProcessorMixin):
         return names
 
 
-__all__ = ["MMPeftProcessor", "DEFAULT_CHAT_TEMPLATE", "CHAT_SPECIAL_TOKENS"]
+__all__ = [
+    "CHAT_SPECIAL_TOKENS",
+    "CHAT_TEMPLATE_TIME_LIMIT",
+    "ChatTemplateTimeout",
+    "DEFAULT_CHAT_TEMPLATE",
+    "MMPeftProcessor",
+    "load_without_code",
+    "time_limit",
+]

@@ -1,6 +1,7 @@
 """Training: arguments, what to train (full / frozen parts / LoRA), the Trainer, and run setup."""
 
 from .arguments import (
+    ConfigError,
     DataArguments,
     MMPeftTrainingArguments,
     ModelArguments,
@@ -16,6 +17,7 @@ from .tuning import count_parameters, describe_trainable, setup_tuning
 
 
 __all__ = [
+    "ConfigError",
     "DataArguments",
     "EncoderCheckpointingCallback",
     "MMPeftTrainer",

@@ -3,7 +3,8 @@
     accelerate launch recipes/finetune.py --config recipes/configs/tiny_lora.yaml --learning_rate 1e-3
 
 Every key of the YAML file and every `--flag` is a field of one of the dataclasses below (or of
-`transformers.TrainingArguments`); an unknown key is an error that names it and suggests close matches.
+`transformers.TrainingArguments`); an unknown key or flag (flags are never abbreviated) is an error that names it and
+suggests close matches. A setting that cannot work raises `ConfigError`, which the recipes report in one line.
 """
 
 import difflib
@@ -13,9 +14,21 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import yaml
+from huggingface_hub import try_to_load_from_cache
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..data.sources import MediaPolicy
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, named with its value and the fix (the recipes print it as one line)."""
+
+
+# Values a config may hold once its YAML aliases (*name) are expanded: real configs hold a few hundred, and an alias
+# bomb (aliases of aliases, "billion laughs") reads as a few lines but expands to billions when serialised (W&B).
+MAX_CONFIG_VALUES = 100_000
+# Largest mixing weight of a dataset (it is repeated that many times).
+MAX_WEIGHT = 1000
 
 
 @dataclass
@@ -39,9 +52,9 @@ class ModelArguments:
 
     def __post_init__(self):
         if self.model_name_or_path and (self.text_model or self.vision_model or self.audio_model):
-            raise ValueError("Give either model_name_or_path or text_model/vision_model/audio_model, not both.")
+            raise ConfigError("Give either model_name_or_path or text_model/vision_model/audio_model, not both.")
         if (self.vision_model or self.audio_model) and not self.text_model:
-            raise ValueError("Composing a model needs text_model (the LM) as well.")
+            raise ConfigError("Composing a model needs text_model (the LM) as well.")
 
 
 @dataclass
@@ -50,7 +63,9 @@ class DataArguments:
         default_factory=list,
         metadata={
             "help": "Training datasets: paths (JSONL/JSON of messages or LLaVA conversations, a saved `datasets` "
-            "folder) or Hub ids, or {path, weight, split} mappings. Empty: the embedded synthetic dataset."
+            "folder) or Hub ids, or {path, weight, split} mappings; one path or mapping alone is a list of one. "
+            f"weight: how many times the dataset is repeated in the mixture, a number in (0, {MAX_WEIGHT}] (default "
+            "1; a fraction draws that share of it). Empty: the embedded synthetic dataset."
         },
     )
     eval_data: list[str] = field(default_factory=list, metadata={"help": "Evaluation datasets, as train_data."})
@@ -164,25 +179,45 @@ class DataArguments:
 
     def __post_init__(self):
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
-            raise ValueError(f"preprocessing_num_workers must be >= 1, got {self.preprocessing_num_workers}")
+            raise ConfigError(f"preprocessing_num_workers must be >= 1, got {self.preprocessing_num_workers}")
         if self.shuffle_buffer_size < 1:
-            raise ValueError(f"shuffle_buffer_size must be >= 1 (1: no shuffling), got {self.shuffle_buffer_size}")
-        self.media_policy  # refuses a bad network or a non-positive limit, naming it
-        self.train_data = [_dataset_spec(spec, "train_data") for spec in self.train_data]
-        self.eval_data = [_dataset_spec(spec, "eval_data") for spec in self.eval_data]
+            raise ConfigError(f"shuffle_buffer_size must be >= 1 (1: no shuffling), got {self.shuffle_buffer_size}")
+        try:
+            self.media_policy  # refuses a bad network or a non-positive limit, naming it
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.train_data = [_dataset_spec(spec, "train_data") for spec in _as_list(self.train_data)]
+        self.eval_data = [_dataset_spec(spec, "eval_data") for spec in _as_list(self.eval_data)]
+
+
+def _as_list(value) -> list:
+    # `train_data: data.jsonl` means one dataset, not one per character of its name.
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _dataset_spec(spec, name: str) -> dict:
     if isinstance(spec, str):
         spec = {"path": spec}
-    if not isinstance(spec, dict) or "path" not in spec or set(spec) - {"path", "weight", "split"}:
-        raise ValueError(f"{name}: each entry is a path or a mapping with path, weight, split; got {spec!r}")
+    if (
+        not isinstance(spec, dict)
+        or set(spec) - {"path", "weight", "split"}
+        or not isinstance(spec.get("path"), str)
+        or not spec["path"]
+    ):
+        raise ConfigError(f"{name}: each entry is a path or a mapping with path, weight, split; got {spec!r}")
     spec = {"weight": 1.0, "split": "train" if name == "train_data" else "validation", **spec}
-    if not spec["weight"] > 0:
-        raise ValueError(f"{name}: weight must be > 0, got {spec['weight']} for {spec['path']}")
-    return spec
+    weight = spec["weight"]
+    # Not a bool, text ("1e9" is text in YAML), nan, inf, or so large that repeating the dataset exhausts memory.
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= MAX_WEIGHT:
+        raise ConfigError(
+            f"{name}: the weight of {spec['path']} must be a number in (0, {MAX_WEIGHT}] (times the dataset is "
+            f"repeated), got {weight!r}"
+        )
+    if not isinstance(spec["split"], str):
+        raise ConfigError(f"{name}: the split of {spec['path']} must be a split name, got {spec['split']!r}")
+    return {**spec, "weight": float(weight)}
 
 
 @dataclass
@@ -251,13 +286,13 @@ class TuningArguments:
     def __post_init__(self):
         unknown = set(self.quantized_parts) - set(METHOD_DEFAULTS["full"])
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"quantized_parts: unknown parts {sorted(unknown)}; choose from {list(METHOD_DEFAULTS['full'])}"
             )
         if not 0 < self.encoder_learning_rate_scale <= 1:
-            raise ValueError(f"encoder_learning_rate_scale must be in (0, 1], got {self.encoder_learning_rate_scale}")
+            raise ConfigError(f"encoder_learning_rate_scale must be in (0, 1], got {self.encoder_learning_rate_scale}")
         if self.lora_r < 1:
-            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+            raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
 
     @property
     def components(self) -> dict[str, str]:
@@ -269,9 +304,11 @@ class TuningArguments:
                 chosen[part] = override
         uses_lora = "lora" in chosen.values()
         if self.method in ("full", "freeze") and uses_lora:
-            raise ValueError(f"method: {self.method} trains without adapters; set method: lora to use *_tuning: lora.")
+            raise ConfigError(
+                f"method: {self.method} trains without adapters; set method: lora to use *_tuning: lora."
+            )
         if self.method in ("lora", "qlora") and not uses_lora:
-            raise ValueError(f"method: {self.method} needs at least one part with *_tuning: lora.")
+            raise ConfigError(f"method: {self.method} needs at least one part with *_tuning: lora.")
         return chosen
 
 
@@ -337,26 +374,19 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, TuningArguments, MMPeftTraini
 def parse_args(argv: list[str] | None = None, default_config: str | None = None):
     """Parse `--config file.yaml` (or `default_config` when absent) and `--key value` overrides.
 
-    Returns `(model_args, data_args, tuning_args, training_args, config_path)`.
+    Returns `(model_args, data_args, tuning_args, training_args, config_path)`. Raises `ConfigError` for a missing
+    or unreadable config, an unknown key or flag, and a setting that cannot work.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    config_path = default_config
-    if "--config" in argv:
-        index = argv.index("--config")
-        config_path = argv[index + 1]
-        argv = argv[:index] + argv[index + 2 :]
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    config_path, argv = _config_argument(argv, default_config)
+    # No abbreviations: `--learning_r 0.5` would otherwise silently set learning_rate.
+    parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
     if config_path:
-        with open(config_path) as file:
-            values = yaml.safe_load(file) or {}
+        values = load_config(config_path)
         known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
-        unknown = sorted(set(values) - known)
+        unknown = [str(key) for key in values if key not in known]
         if unknown:
-            hints = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
-            raise ValueError(
-                f"{config_path}: unknown keys "
-                + ", ".join(f"{k!r}" + (f" (did you mean {v[0]!r}?)" if v else "") for k, v in hints.items())
-            )
+            raise ConfigError(f"{config_path}: unknown keys " + ", ".join(_with_hint(key, known) for key in unknown))
         # YAML values become the parser's defaults, so that command-line flags override them.
         parser.set_defaults(**values)
         for action in parser._actions:
@@ -364,16 +394,127 @@ def parse_args(argv: list[str] | None = None, default_config: str | None = None)
                 action.required = False
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
-        raise ValueError(f"unknown command-line arguments: {remaining}")
+        flags = {option for action in parser._actions for option in action.option_strings}
+        hints = [
+            f"{word!r}: did you mean {match[0]!r}?"
+            for word in (word.split("=")[0] for word in remaining if word.startswith("--"))
+            if (match := difflib.get_close_matches(word, flags, n=1))
+        ]
+        raise ConfigError(f"unknown command-line arguments: {remaining}" + (f" ({'; '.join(hints)})" if hints else ""))
     return (*parsed, os.path.abspath(config_path) if config_path else None)
+
+
+def _config_argument(argv: list[str], default: str | None) -> tuple[str | None, list[str]]:
+    """The config path given by `--config path` or `--config=path` (else `default`), and the other arguments."""
+    for index, argument in enumerate(argv):
+        if argument == "--config" or argument.startswith("--config="):
+            if argument == "--config":
+                path, rest = (argv[index + 1] if index + 1 < len(argv) else ""), argv[index + 2 :]
+            else:
+                path, rest = argument.split("=", 1)[1], argv[index + 1 :]
+            if not path or path.startswith("--"):
+                raise ConfigError("--config needs a YAML file path: --config path/to/config.yaml")
+            return path, argv[:index] + rest
+    return default, argv
+
+
+def load_config(path: str) -> dict:
+    """The settings of the YAML config at `path`, read with the safe loader.
+
+    Aliases (`*name`) are refused once they would expand the config beyond `MAX_CONFIG_VALUES` values (or into
+    itself): the values are shared in memory, but W&B and every other serialisation writes each copy out.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as file:
+            loader = yaml.SafeLoader(file)
+            try:
+                root = loader.get_single_node()
+                if root is not None:
+                    size = _expanded_size(root, {}, set(), path)
+                    if size > MAX_CONFIG_VALUES:
+                        raise ConfigError(
+                            f"{path}: its YAML aliases (*name) expand it to {size:,} values, over the limit of "
+                            f"{MAX_CONFIG_VALUES:,}: aliases may repeat small values only; write the values out"
+                        )
+                values = {} if root is None else loader.construct_document(root)
+            finally:
+                loader.dispose()
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config is a mapping of settings (key: value), got a {type(values).__name__}")
+    return values
+
+
+def _expanded_size(node, sizes: dict, open_nodes: set, path: str) -> int:
+    """Values under a composed YAML `node` with every alias expanded; each shared node is measured once."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise ConfigError(f"{path}: a YAML alias (*name) refers to a value that contains it")
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = []
+    sizes[id(node)] = 1 + sum(_expanded_size(child, sizes, open_nodes, path) for child in children)
+    open_nodes.discard(id(node))
+    return sizes[id(node)]
+
+
+def _with_hint(word: str, known) -> str:
+    match = difflib.get_close_matches(word, known, n=1)
+    return f"{word!r}" + (f" (did you mean {match[0]!r}?)" if match else "")
+
+
+def check_model_path(name: str, value: str | None) -> str | None:
+    """`value` of the model setting `name` (model_name_or_path, text_model, ...), refused in one line when it is
+    meant as a folder but is none, or names a Hub model that cannot be had offline (transformers would report
+    either as a Hub connection error). A Hub id (`owner/name`) is returned as given, a folder with `~` expanded."""
+    if not value:
+        return value
+    path = os.path.expanduser(value)
+    if os.path.isdir(path):
+        return path
+    parent = os.path.dirname(path.rstrip("/\\"))
+    looks_local = (
+        value.startswith((".", "/", "~", "\\"))
+        or value.count("/") > 1
+        or (os.sep != "/" and os.sep in value)
+        or os.path.exists(path)
+        or (parent and os.path.isdir(parent))  # ./outputs exists, ./outputs/stage1 does not
+    )
+    if looks_local:
+        what = "a file" if os.path.exists(path) else "not found"
+        raise ConfigError(f"{name}: {value} is not a folder ({what}); give the folder of a saved model or a Hub id")
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        try:
+            cached = isinstance(try_to_load_from_cache(value, "config.json"), str)
+        except Exception:  # not even a valid repo id
+            cached = False
+        if not cached:
+            raise ConfigError(
+                f"{name}: {value} is not a folder, nor a model in the local Hub cache, and HF_HUB_OFFLINE is set "
+                "(nothing is downloaded)"
+            )
+    return value
 
 
 __all__ = [
     "ARGUMENT_CLASSES",
+    "ConfigError",
     "DataArguments",
     "METHOD_DEFAULTS",
     "MMPeftTrainingArguments",
     "ModelArguments",
     "TuningArguments",
+    "check_model_path",
+    "load_config",
     "parse_args",
 ]

@@ -13,7 +13,7 @@ from ..data.streaming import StreamingDataset
 from ..data.synthetic import VERSION as SYNTHETIC_VERSION
 from ..models import MMPeftForConditionalGeneration, MMPeftProcessor
 from ..reference import build_reference_checkpoint
-from .arguments import DataArguments, MMPeftTrainingArguments, ModelArguments, TuningArguments
+from .arguments import DataArguments, MMPeftTrainingArguments, ModelArguments, TuningArguments, check_model_path
 
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ def load_model(args: ModelArguments, quantization_config=None):
     """`(model, processor)`: a checkpoint, a composition of pretrained parts, or the tiny reference model,
     quantized per `quantization_config` (QLoRA) when given."""
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    for name in ("model_name_or_path", "text_model", "vision_model", "audio_model"):  # a mistyped folder: one line
+        setattr(args, name, check_model_path(name, getattr(args, name)))
     if args.text_model:
         if quantization_config is not None:
             raise ValueError(
