@@ -27,6 +27,7 @@ from mmpeft.hub import PushError, push_output
 from mmpeft.training import (
     EncoderCheckpointingCallback,
     MMPeftTrainer,
+    OutputDirInUseError,
     WandbRunInfoCallback,
     check_streaming,
     checkpoint_to_resume,
@@ -36,6 +37,7 @@ from mmpeft.training import (
     describe_trainable,
     load_datasets,
     load_model,
+    lock_output_dir,
     parse_args,
     quantization_config,
     reference_checkpoint,
@@ -62,7 +64,19 @@ HYPERPARAMETERS = (
 
 
 def main(argv=None):
-    model_args, data_args, tuning_args, training_args, config_path = parse_args(argv, default_config=DEFAULT_CONFIG)
+    args = parse_args(argv, default_config=DEFAULT_CONFIG)
+    training_args = args[3]  # after the model, data and tuning arguments
+    # One run per output folder (the global main process holds the lock): a second one would take the first's
+    # checkpoint being written for one left half-written, and delete it.
+    lock = lock_output_dir(training_args.output_dir) if training_args.process_index == 0 else None
+    try:
+        return train(*args)
+    finally:
+        if lock:
+            lock.close()
+
+
+def train(model_args, data_args, tuning_args, training_args, config_path):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.logging.set_verbosity_warning()
     logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
@@ -242,5 +256,5 @@ def _finish_wandb() -> str | None:
 if __name__ == "__main__":
     try:
         main()
-    except (PushError, BadSampleError) as error:
+    except (PushError, BadSampleError, OutputDirInUseError) as error:
         sys.exit(f"mmpeft: {error}")

@@ -8,7 +8,13 @@ from .arguments import (
     parse_args,
 )
 from .builders import check_streaming, configure_wandb, load_datasets, load_model, reference_checkpoint
-from .checkpoints import checkpoint_to_resume, latest_complete_checkpoint, remove_incomplete_checkpoints
+from .checkpoints import (
+    OutputDirInUseError,
+    checkpoint_to_resume,
+    latest_complete_checkpoint,
+    lock_output_dir,
+    remove_incomplete_checkpoints,
+)
 from .packing import check_padding_free_attention, use_packed_attention
 from .quantization import describe_precision, precision_summary, quantization_config
 from .trainer import EncoderCheckpointingCallback, MMPeftTrainer, WandbRunInfoCallback, peak_memory_mb
@@ -21,6 +27,7 @@ __all__ = [
     "MMPeftTrainer",
     "MMPeftTrainingArguments",
     "ModelArguments",
+    "OutputDirInUseError",
     "TuningArguments",
     "WandbRunInfoCallback",
     "check_padding_free_attention",
@@ -33,6 +40,7 @@ __all__ = [
     "load_datasets",
     "latest_complete_checkpoint",
     "load_model",
+    "lock_output_dir",
     "parse_args",
     "peak_memory_mb",
     "precision_summary",

@@ -1,4 +1,4 @@
-"""Checkpoints that are either complete or ignored, and finding the one to resume from.
+"""Checkpoints that are either complete or ignored, finding the one to resume from, and the output folder's lock.
 
 `transformers.Trainer` writes a checkpoint file by file (weights, optimizer, scheduler, RNG states, trainer
 state); a run killed in between leaves a folder that looks like a checkpoint but would resume half-restored.
@@ -6,6 +6,7 @@ mmpeft writes a marker file after everything else (`MMPeftTrainer._save_checkpoi
 finished its part; a checkpoint folder without it is incomplete and never resumed from.
 """
 
+import fcntl
 import json
 import logging
 import os
@@ -18,6 +19,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "mmpeft_checkpoint_complete.json"
 CHECKPOINT_FOLDER = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+LOCK_FILE = ".mmpeft.lock"
+
+
+class OutputDirInUseError(RuntimeError):
+    """Another run holds the output folder's lock."""
 
 
 def mark_complete(folder: str, step: int) -> None:
@@ -80,12 +86,36 @@ def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | None, au
     return checkpoint
 
 
+def lock_output_dir(output_dir: str):
+    """Take the lock of `output_dir` (created if needed) for this process's lifetime, or until the returned file is
+    closed; raise `OutputDirInUseError` if another run holds it. An flock is let go by the kernel when its process
+    dies, so a killed run never leaves a stale lock behind."""
+    os.makedirs(output_dir, exist_ok=True)
+    file = open(os.path.join(output_dir, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "another process"
+        file.close()
+        raise OutputDirInUseError(
+            f"output_dir {os.path.abspath(output_dir)} is in use by another run ({holder}); wait for it to end or "
+            "choose another output_dir."
+        ) from None
+    file.truncate(0)
+    file.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    file.flush()
+    return file
+
+
 __all__ = [
     "COMPLETE_MARKER",
+    "OutputDirInUseError",
     "checkpoint_folders",
     "checkpoint_to_resume",
     "is_complete",
     "latest_complete_checkpoint",
+    "lock_output_dir",
     "mark_complete",
     "remove_incomplete_checkpoints",
 ]
