@@ -25,6 +25,7 @@ from transformers import EarlyStoppingCallback, set_seed
 from mmpeft.data import BadSampleError, MMPeftDataCollator, MMPeftDataset, SkipReport
 from mmpeft.hub import PushError, push_output
 from mmpeft.training import (
+    CheckpointError,
     EncoderCheckpointingCallback,
     MMPeftTrainer,
     OutputDirInUseError,
@@ -256,5 +257,5 @@ def _finish_wandb() -> str | None:
 if __name__ == "__main__":
     try:
         main()
-    except (PushError, BadSampleError, OutputDirInUseError) as error:
+    except (PushError, BadSampleError, CheckpointError, OutputDirInUseError) as error:
         sys.exit(f"mmpeft: {error}")

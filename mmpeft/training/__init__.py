@@ -9,6 +9,7 @@ from .arguments import (
 )
 from .builders import check_streaming, configure_wandb, load_datasets, load_model, reference_checkpoint
 from .checkpoints import (
+    CheckpointError,
     OutputDirInUseError,
     checkpoint_to_resume,
     latest_complete_checkpoint,
@@ -22,6 +23,7 @@ from .tuning import count_parameters, describe_trainable, setup_tuning
 
 
 __all__ = [
+    "CheckpointError",
     "DataArguments",
     "EncoderCheckpointingCallback",
     "MMPeftTrainer",

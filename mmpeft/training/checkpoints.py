@@ -3,7 +3,8 @@
 `transformers.Trainer` writes a checkpoint file by file (weights, optimizer, scheduler, RNG states, trainer
 state); a run killed in between leaves a folder that looks like a checkpoint but would resume half-restored.
 mmpeft writes a marker file after everything else (`MMPeftTrainer._save_checkpoint`), once every process has
-finished its part; a checkpoint folder without it is incomplete and never resumed from.
+finished its part; a checkpoint folder without it is incomplete and never resumed from. The marker lists the
+checkpoint's files with their sizes: a file lost or cut short since is found before resuming.
 """
 
 import fcntl
@@ -22,20 +23,53 @@ CHECKPOINT_FOLDER = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 LOCK_FILE = ".mmpeft.lock"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from or saved; the message names it, the reason and the way out."""
+
+
 class OutputDirInUseError(RuntimeError):
     """Another run holds the output folder's lock."""
 
 
 def mark_complete(folder: str, step: int) -> None:
-    """Write `folder`'s completion marker (atomically: written aside, then renamed into place)."""
+    """Write `folder`'s completion marker (atomically: written aside, then renamed into place): the step and the
+    checkpoint's files with their sizes."""
+    names = sorted(os.listdir(folder))
+    sizes = {name: os.path.getsize(os.path.join(folder, name)) for name in names}
     path = os.path.join(folder, COMPLETE_MARKER)
     with open(path + ".tmp", "w") as file:
-        json.dump({"global_step": step, "files": sorted(os.listdir(folder))}, file)
+        json.dump({"global_step": step, "files": names, "sizes": sizes}, file)
     os.replace(path + ".tmp", path)
+
+
+def unmark(folder: str) -> None:
+    """Remove `folder`'s completion marker, if any: a checkpoint about to be written again is incomplete meanwhile."""
+    if os.path.isfile(os.path.join(folder, COMPLETE_MARKER)):
+        os.remove(os.path.join(folder, COMPLETE_MARKER))
 
 
 def is_complete(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, COMPLETE_MARKER))
+
+
+def read_marker(folder: str) -> dict:
+    with open(os.path.join(folder, COMPLETE_MARKER)) as file:
+        return json.load(file)
+
+
+def damaged_files(folder: str) -> list[str]:
+    """Files the marker of complete checkpoint `folder` lists that are missing now, or have another size."""
+    marker = read_marker(folder)
+    damaged = []
+    for name in marker["files"]:
+        path = os.path.join(folder, name)
+        if name.endswith(".tmp"):  # earlier markers listed their own .tmp file
+            continue
+        if not os.path.exists(path):
+            damaged.append(name)
+        elif name in marker.get("sizes", {}) and os.path.getsize(path) != marker["sizes"][name]:
+            damaged.append(f"{name} ({os.path.getsize(path)} bytes, {marker['sizes'][name]} when saved)")
+    return damaged
 
 
 def checkpoint_folders(output_dir: str) -> list[str]:
@@ -64,21 +98,34 @@ def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
 
 
 def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | None, auto_resume: bool) -> str | None:
-    """The checkpoint a run starts from: `resume_from_checkpoint` (which must be complete), else with
-    `auto_resume` the latest complete checkpoint in `output_dir` (None when there is none: a fresh start)."""
+    """The checkpoint a run starts from: `resume_from_checkpoint` (which must be complete and intact), else with
+    `auto_resume` the latest complete and intact checkpoint in `output_dir` (None when there is none: a fresh
+    start). A complete checkpoint with files missing or cut short since it was saved is refused when named, and
+    passed over for an earlier one (warned) by `auto_resume`."""
     if resume_from_checkpoint:
         if not os.path.isdir(resume_from_checkpoint):
-            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a folder")
+            raise CheckpointError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a folder")
         if not is_complete(resume_from_checkpoint):
-            raise ValueError(
+            raise CheckpointError(
                 f"resume_from_checkpoint: {resume_from_checkpoint} is incomplete (no {COMPLETE_MARKER}: the run "
                 "was stopped while saving it, or it was not written by mmpeft). Resume from an earlier checkpoint, "
                 "or use auto_resume to take the latest complete one."
             )
+        if damaged := damaged_files(resume_from_checkpoint):
+            raise CheckpointError(
+                f"resume_from_checkpoint: {resume_from_checkpoint} has lost files since it was saved: "
+                f"{', '.join(damaged)}. Resuming would restart the optimizer and learning-rate schedule; resume "
+                "from another checkpoint."
+            )
         return resume_from_checkpoint
     if not auto_resume:
         return None
-    checkpoint = latest_complete_checkpoint(output_dir)
+    checkpoint = None
+    for folder in reversed([folder for folder in checkpoint_folders(output_dir) if is_complete(folder)]):
+        if not (damaged := damaged_files(folder)):
+            checkpoint = folder
+            break
+        logger.warning(f"auto_resume: passing over {folder}: files lost since it was saved: {', '.join(damaged)}")
     if checkpoint:
         logger.info(f"auto_resume: resuming from {checkpoint}")
     else:
@@ -110,12 +157,15 @@ def lock_output_dir(output_dir: str):
 
 __all__ = [
     "COMPLETE_MARKER",
+    "CheckpointError",
     "OutputDirInUseError",
     "checkpoint_folders",
     "checkpoint_to_resume",
+    "damaged_files",
     "is_complete",
     "latest_complete_checkpoint",
     "lock_output_dir",
     "mark_complete",
     "remove_incomplete_checkpoints",
+    "unmark",
 ]

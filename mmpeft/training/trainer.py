@@ -25,7 +25,7 @@ from ..data import MMPeftDataCollator, MMPeftDataset
 from ..data.dataset import IGNORE_INDEX, SkipReport
 from ..data.streaming import StreamingDataset
 from ..metrics import compute_metrics
-from .checkpoints import mark_complete
+from .checkpoints import mark_complete, unmark
 from .packing import check_padding_free_attention, use_packed_attention
 from .tuning import PART_MODULES
 
@@ -161,6 +161,10 @@ class MMPeftTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         """Trainer's checkpoint, marked complete once every process has written its part; older checkpoints
         are rotated out only after that, so a kill while saving always leaves the previous complete one."""
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            unmark(folder)  # a resumed run writing a step again: that folder is incomplete until marked anew
         limit, self.args.save_total_limit = self.args.save_total_limit, None  # the Trainer rotates before we mark
         try:
             super()._save_checkpoint(model, trial)
@@ -168,10 +172,7 @@ class MMPeftTrainer(Trainer):
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            mark_complete(
-                os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"), self.state.global_step
-            )
+            mark_complete(folder, self.state.global_step)
             rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def create_optimizer(self, model=None):

@@ -4,6 +4,7 @@ one (CPU, one process), and a checkpoint left half-written by a kill is never re
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 from recipe_helpers import REPO, TINY
 from safetensors.torch import load_file
 
-from mmpeft.training import checkpoint_to_resume, latest_complete_checkpoint
+from mmpeft.training import CheckpointError, checkpoint_to_resume, latest_complete_checkpoint
 from mmpeft.training.checkpoints import COMPLETE_MARKER
 
 
@@ -114,3 +115,29 @@ def test_a_checkpoint_half_written_by_a_kill_is_never_resumed_from(tmp_path, uni
 def test_auto_resume_without_checkpoints_starts_fresh(tmp_path):
     assert checkpoint_to_resume(str(tmp_path / "new"), None, auto_resume=True) is None
     assert checkpoint_to_resume(str(tmp_path), None, auto_resume=False) is None
+
+
+def copy_of(output, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    return copy
+
+
+def test_a_complete_checkpoint_with_files_lost_since_is_refused_or_passed_over(tmp_path, uninterrupted, caplog):
+    output = copy_of(uninterrupted, tmp_path)
+    damaged = output / "checkpoint-24"
+    (damaged / "optimizer.pt").unlink()
+    (damaged / "scheduler.pt").unlink()
+    with open(damaged / "rng_state.pth", "r+b") as file:
+        file.truncate(100)
+    with pytest.raises(CheckpointError, match=r"optimizer.pt, rng_state.pth \(100 bytes, \d+ when saved\), sched"):
+        checkpoint_to_resume(str(output), str(damaged), auto_resume=False)
+    # auto_resume takes the latest intact checkpoint instead, and says why.
+    assert checkpoint_to_resume(str(output), None, auto_resume=True) == str(output / "checkpoint-20")
+    assert f"passing over {damaged}: files lost since it was saved: optimizer.pt" in caplog.text
+
+    result = subprocess.run(
+        [*command(output), "--resume_from_checkpoint", str(damaged)], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(f"mmpeft: resume_from_checkpoint: {damaged} has lost files")
