@@ -43,6 +43,7 @@ from mmpeft.training import (
     quantization_config,
     reference_checkpoint,
     remove_incomplete_checkpoints,
+    run_settings,
     setup_tuning,
 )
 
@@ -92,6 +93,16 @@ def train(model_args, data_args, tuning_args, training_args, config_path):
     if push_to_hub and not training_args.hub_model_id:
         raise ValueError("push_to_hub needs hub_model_id (the repository to push to, e.g. user/my-omni-model).")
     set_seed(training_args.seed)
+    settings = run_settings(model_args, data_args, tuning_args, training_args)
+    checkpoint = checkpoint_to_resume(
+        training_args.output_dir,
+        training_args.resume_from_checkpoint,
+        training_args.auto_resume,
+        settings,
+        training_args.resume_with_changed_settings,
+    )
+    if checkpoint and training_args.process_index == 0:
+        remove_incomplete_checkpoints(training_args.output_dir)
 
     ################
     # Model
@@ -146,6 +157,7 @@ def train(model_args, data_args, tuning_args, training_args, config_path):
         generation_metrics=training_args.generation_metrics,
         generation_max_new_tokens=training_args.generation_max_new_tokens,
         encoder_learning_rate_scale=tuning_args.encoder_learning_rate_scale,
+        run_settings=settings,
     )
     if training_args.gradient_checkpointing and not tuning_args.encoder_gradient_checkpointing:
         trainer.add_callback(EncoderCheckpointingCallback())
@@ -160,11 +172,6 @@ def train(model_args, data_args, tuning_args, training_args, config_path):
     }
     trainer.add_callback(WandbRunInfoCallback(run_info))
 
-    checkpoint = checkpoint_to_resume(
-        training_args.output_dir, training_args.resume_from_checkpoint, training_args.auto_resume
-    )
-    if checkpoint and trainer.is_world_process_zero():
-        remove_incomplete_checkpoints(training_args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_metrics("train", train_result.metrics)
     metrics = trainer.evaluate() if eval_dataset else {}

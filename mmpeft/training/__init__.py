@@ -15,6 +15,7 @@ from .checkpoints import (
     latest_complete_checkpoint,
     lock_output_dir,
     remove_incomplete_checkpoints,
+    run_settings,
 )
 from .packing import check_padding_free_attention, use_packed_attention
 from .quantization import describe_precision, precision_summary, quantization_config
@@ -49,6 +50,7 @@ __all__ = [
     "quantization_config",
     "reference_checkpoint",
     "remove_incomplete_checkpoints",
+    "run_settings",
     "setup_tuning",
     "use_packed_attention",
 ]

@@ -4,7 +4,8 @@
 state); a run killed in between leaves a folder that looks like a checkpoint but would resume half-restored.
 mmpeft writes a marker file after everything else (`MMPeftTrainer._save_checkpoint`), once every process has
 finished its part; a checkpoint folder without it is incomplete and never resumed from. The marker lists the
-checkpoint's files with their sizes: a file lost or cut short since is found before resuming.
+checkpoint's files with their sizes (a file lost or cut short since is found before resuming) and the run's
+settings (`run_settings`: resuming with other settings is refused unless asked for).
 """
 
 import fcntl
@@ -21,6 +22,28 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "mmpeft_checkpoint_complete.json"
 CHECKPOINT_FOLDER = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 LOCK_FILE = ".mmpeft.lock"
+# The settings that change what a run computes, per argument group (the recipe's dataclasses). Left out, because a
+# resumed run may change them freely: where outputs, logs and checkpoints go and how often, evaluation and
+# generation settings, trackers, data preparation workers and caches, auto_resume / resume_from_checkpoint.
+RUN_SETTINGS = {
+    "model": ("model_name_or_path", "text_model", "vision_model", "audio_model", "projector_settings", "dtype"),
+    "data": (
+        "train_data", "eval_data", "eval_fraction", "max_length", "on_bad_sample", "on_overlong",
+        "allow_media_outside_data_dir", "padding_free", "streaming", "shuffle_buffer_size", "synthetic_train_size",
+        "synthetic_eval_size", "data_seed_mixing",
+    ),
+    "tuning": (
+        "method", "vision_tuning", "audio_tuning", "projector_tuning", "language_tuning", "trainable_modules",
+        "encoder_learning_rate_scale", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+        "quantization_bits", "quantization_type", "double_quant", "quantized_parts", "keep_unquantized",
+    ),
+    "training": (
+        "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "adam_beta1",
+        "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "optim_args", "num_train_epochs", "max_steps",
+        "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "seed", "data_seed",
+        "label_smoothing_factor", "train_sampling_strategy", "bf16", "fp16", "early_stopping_patience",
+    ),
+}  # fmt: skip
 
 
 class CheckpointError(ValueError):
@@ -31,14 +54,14 @@ class OutputDirInUseError(RuntimeError):
     """Another run holds the output folder's lock."""
 
 
-def mark_complete(folder: str, step: int) -> None:
-    """Write `folder`'s completion marker (atomically: written aside, then renamed into place): the step and the
-    checkpoint's files with their sizes."""
+def mark_complete(folder: str, step: int, settings: dict | None = None) -> None:
+    """Write `folder`'s completion marker (atomically: written aside, then renamed into place): the step, the
+    checkpoint's files with their sizes, and the run's `settings`."""
     names = sorted(os.listdir(folder))
     sizes = {name: os.path.getsize(os.path.join(folder, name)) for name in names}
     path = os.path.join(folder, COMPLETE_MARKER)
     with open(path + ".tmp", "w") as file:
-        json.dump({"global_step": step, "files": names, "sizes": sizes}, file)
+        json.dump({"global_step": step, "files": names, "sizes": sizes, "settings": settings}, file)
     os.replace(path + ".tmp", path)
 
 
@@ -97,11 +120,36 @@ def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
     return removed
 
 
-def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | None, auto_resume: bool) -> str | None:
+def run_settings(model_args, data_args, tuning_args, training_args) -> dict:
+    """The settings of `RUN_SETTINGS` (what changes a run's result), from the recipe's arguments, as JSON values."""
+    groups = dict(zip(RUN_SETTINGS, (model_args, data_args, tuning_args, training_args)))
+    found = {name: getattr(groups[group], name) for group, names in RUN_SETTINGS.items() for name in names}
+    return json.loads(json.dumps(found, default=str))  # enums become their values, tuples lists
+
+
+def changed_settings(folder: str, settings: dict) -> list[str]:
+    """`name: <checkpoint's value> in the checkpoint, <value> now` for each setting of `settings` that differs from
+    the one checkpoint `folder` was saved with (none for checkpoints saved without settings)."""
+    saved = read_marker(folder).get("settings") or {}
+    return [
+        f"{name}: {saved[name]!r} in the checkpoint, {settings[name]!r} now"
+        for name in settings
+        if name in saved and saved[name] != settings[name]
+    ]
+
+
+def checkpoint_to_resume(
+    output_dir: str,
+    resume_from_checkpoint: str | None,
+    auto_resume: bool,
+    settings: dict | None = None,
+    allow_changed_settings: bool = False,
+) -> str | None:
     """The checkpoint a run starts from: `resume_from_checkpoint` (which must be complete and intact), else with
     `auto_resume` the latest complete and intact checkpoint in `output_dir` (None when there is none: a fresh
     start). A complete checkpoint with files missing or cut short since it was saved is refused when named, and
-    passed over for an earlier one (warned) by `auto_resume`."""
+    passed over for an earlier one (warned) by `auto_resume`. Either way, a checkpoint saved with other `settings`
+    (`run_settings`) is refused, naming the differences, unless `allow_changed_settings`."""
     if resume_from_checkpoint:
         if not os.path.isdir(resume_from_checkpoint):
             raise CheckpointError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a folder")
@@ -117,19 +165,28 @@ def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | None, au
                 f"{', '.join(damaged)}. Resuming would restart the optimizer and learning-rate schedule; resume "
                 "from another checkpoint."
             )
-        return resume_from_checkpoint
-    if not auto_resume:
-        return None
-    checkpoint = None
-    for folder in reversed([folder for folder in checkpoint_folders(output_dir) if is_complete(folder)]):
-        if not (damaged := damaged_files(folder)):
-            checkpoint = folder
-            break
-        logger.warning(f"auto_resume: passing over {folder}: files lost since it was saved: {', '.join(damaged)}")
-    if checkpoint:
+        checkpoint = resume_from_checkpoint
+    elif auto_resume:
+        checkpoint = None
+        for folder in reversed([folder for folder in checkpoint_folders(output_dir) if is_complete(folder)]):
+            if not (damaged := damaged_files(folder)):
+                checkpoint = folder
+                break
+            logger.warning(f"auto_resume: passing over {folder}: files lost since it was saved: {', '.join(damaged)}")
+        if checkpoint is None:
+            logger.info(f"auto_resume: no complete checkpoint in {output_dir}, starting from scratch")
+            return None
         logger.info(f"auto_resume: resuming from {checkpoint}")
     else:
-        logger.info(f"auto_resume: no complete checkpoint in {output_dir}, starting from scratch")
+        return None
+    changed = changed_settings(checkpoint, settings or {})
+    if changed and not allow_changed_settings:
+        raise CheckpointError(
+            f"{checkpoint} was saved by a run with other settings: {'; '.join(changed)}. Use another output_dir for "
+            "a new run, or set resume_with_changed_settings: true to resume with the new settings."
+        )
+    if changed:
+        logger.warning(f"resume_with_changed_settings: resuming {checkpoint} with {'; '.join(changed)}")
     return checkpoint
 
 
@@ -159,6 +216,7 @@ __all__ = [
     "COMPLETE_MARKER",
     "CheckpointError",
     "OutputDirInUseError",
+    "changed_settings",
     "checkpoint_folders",
     "checkpoint_to_resume",
     "damaged_files",
@@ -167,5 +225,6 @@ __all__ = [
     "lock_output_dir",
     "mark_complete",
     "remove_incomplete_checkpoints",
+    "run_settings",
     "unmark",
 ]

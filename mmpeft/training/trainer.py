@@ -126,6 +126,8 @@ class MMPeftTrainer(Trainer):
         generation_metrics: metric names (`mmpeft.metrics.METRICS`); `accuracy` is exact match.
         generation_max_new_tokens: longest answer generated.
         encoder_learning_rate_scale: learning rate of encoder parameters relative to the others.
+        run_settings: the settings a checkpoint is saved with (`mmpeft.training.checkpoints.run_settings`), compared
+            when resuming.
         All other arguments are `transformers.Trainer`'s.
     """
 
@@ -136,9 +138,11 @@ class MMPeftTrainer(Trainer):
         generation_metrics=("accuracy",),
         generation_max_new_tokens=32,
         encoder_learning_rate_scale=1.0,
+        run_settings=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.run_settings = run_settings
         self.encoder_learning_rate_scale = encoder_learning_rate_scale
         self.generation_dataset = generation_dataset
         self.load_report = SkipReport()
@@ -159,8 +163,9 @@ class MMPeftTrainer(Trainer):
             self.peak_memory.stop()
 
     def _save_checkpoint(self, model, trial):
-        """Trainer's checkpoint, marked complete once every process has written its part; older checkpoints
-        are rotated out only after that, so a kill while saving always leaves the previous complete one."""
+        """Trainer's checkpoint, marked complete (with the run's settings) once every process has written its part;
+        older checkpoints are rotated out only after that, so a kill while saving always leaves the previous
+        complete one."""
         run_dir = self._get_output_dir(trial=trial)
         folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
@@ -172,7 +177,7 @@ class MMPeftTrainer(Trainer):
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            mark_complete(folder, self.state.global_step)
+            mark_complete(folder, self.state.global_step, self.run_settings)
             rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def create_optimizer(self, model=None):

@@ -12,10 +12,10 @@ import time
 
 import pytest
 import torch
-from recipe_helpers import REPO, TINY
+from recipe_helpers import REPO, TINY, finetune
 from safetensors.torch import load_file
 
-from mmpeft.training import CheckpointError, checkpoint_to_resume, latest_complete_checkpoint
+from mmpeft.training import CheckpointError, checkpoint_to_resume, latest_complete_checkpoint, parse_args, run_settings
 from mmpeft.training.checkpoints import COMPLETE_MARKER
 
 
@@ -123,6 +123,12 @@ def copy_of(output, tmp_path):
     return copy
 
 
+def settings_of(*argv):
+    """`run_settings` of the recipe run with ARGS and `argv`."""
+    arguments = parse_args([*ARGS, *argv, "--output_dir", "unused"], default_config=finetune.DEFAULT_CONFIG)
+    return run_settings(*arguments[:4])
+
+
 def test_a_complete_checkpoint_with_files_lost_since_is_refused_or_passed_over(tmp_path, uninterrupted, caplog):
     output = copy_of(uninterrupted, tmp_path)
     damaged = output / "checkpoint-24"
@@ -141,3 +147,31 @@ def test_a_complete_checkpoint_with_files_lost_since_is_refused_or_passed_over(t
     )
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1].startswith(f"mmpeft: resume_from_checkpoint: {damaged} has lost files")
+
+
+def test_auto_resume_into_the_folder_of_a_run_with_other_settings_is_refused(tmp_path, uninterrupted):
+    output = copy_of(uninterrupted, tmp_path)
+    summary = (output / "run_summary.json").read_text()
+    result = subprocess.run(
+        [*command(output), "--learning_rate", "0.5", "--synthetic_train_size", "32"],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    message = result.stderr.splitlines()[-1]
+    assert message.startswith(f"mmpeft: {output / 'checkpoint-24'} was saved by a run with other settings: ")
+    assert "synthetic_train_size: 64 in the checkpoint, 32 now; learning_rate: 0.003 in the checkpoint, 0.5 now" in (
+        message
+    )
+    assert "resume_with_changed_settings: true" in message
+    assert (output / "run_summary.json").read_text() == summary
+
+    # Asked for, the checkpoint is resumed with the new settings (warned); unchanged, it is resumed as it is.
+    checkpoint = str(output / "checkpoint-24")
+    changed = settings_of("--learning_rate", "0.5")
+    assert checkpoint_to_resume(str(output), None, True, changed, allow_changed_settings=True) == checkpoint
+    assert checkpoint_to_resume(str(output), None, True, settings_of()) == checkpoint
+
+
+def test_resuming_a_checkpoint_of_another_method_names_both_methods(tmp_path, uninterrupted):
+    with pytest.raises(CheckpointError, match="method: 'lora' in the checkpoint, 'full' now"):
+        checkpoint_to_resume(str(uninterrupted), None, True, settings_of("--method", "full"))
