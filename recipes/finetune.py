@@ -101,7 +101,7 @@ def train(model_args, data_args, tuning_args, training_args, config_path):
         settings,
         training_args.resume_with_changed_settings,
     )
-    if checkpoint and training_args.process_index == 0:
+    if (checkpoint or training_args.auto_resume) and training_args.process_index == 0:
         remove_incomplete_checkpoints(training_args.output_dir)
 
     ################

@@ -8,12 +8,14 @@ checkpoint's files with their sizes (a file lost or cut short since is found bef
 settings (`run_settings`: resuming with other settings is refused unless asked for).
 """
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -44,6 +46,10 @@ RUN_SETTINGS = {
         "label_smoothing_factor", "train_sampling_strategy", "bf16", "fp16", "early_stopping_patience",
     ),
 }  # fmt: skip
+# Where an error while writing a file means a full disk or quota: errno, or words of the message (torch's
+# checkpoint writer reports a failed write as an `inline_container.cc` enforce failure, without the errno).
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "inline_container.cc")
 
 
 class CheckpointError(ValueError):
@@ -190,6 +196,32 @@ def checkpoint_to_resume(
     return checkpoint
 
 
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, raised while writing files, means the disk (or the quota) is full."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        return True
+    return any(words in str(error) for words in DISK_FULL_WORDS)
+
+
+@contextmanager
+def clear_disk_full_error(path: str, remove: bool = False):
+    """Turns a full-disk error raised while saving `path` into a `CheckpointError` that says so, naming `path` and
+    the free space; with `remove`, the half-written `path` is deleted first (so that it is never resumed from)."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        if remove:
+            shutil.rmtree(path, ignore_errors=True)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
+        raise CheckpointError(
+            f"no space left on device while saving {path} ({free:.1f} MB free"
+            + ("; the half-written folder was removed). " if remove else "). ")
+            + "Free some space or choose another output_dir, then rerun (with auto_resume: true to continue)."
+        ) from error
+
+
 def lock_output_dir(output_dir: str):
     """Take the lock of `output_dir` (created if needed) for this process's lifetime, or until the returned file is
     closed; raise `OutputDirInUseError` if another run holds it. An flock is let go by the kernel when its process
@@ -219,6 +251,7 @@ __all__ = [
     "changed_settings",
     "checkpoint_folders",
     "checkpoint_to_resume",
+    "clear_disk_full_error",
     "damaged_files",
     "is_complete",
     "latest_complete_checkpoint",

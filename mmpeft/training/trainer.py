@@ -25,7 +25,7 @@ from ..data import MMPeftDataCollator, MMPeftDataset
 from ..data.dataset import IGNORE_INDEX, SkipReport
 from ..data.streaming import StreamingDataset
 from ..metrics import compute_metrics
-from .checkpoints import mark_complete, unmark
+from .checkpoints import clear_disk_full_error, mark_complete, unmark
 from .packing import check_padding_free_attention, use_packed_attention
 from .tuning import PART_MODULES
 
@@ -165,20 +165,28 @@ class MMPeftTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         """Trainer's checkpoint, marked complete (with the run's settings) once every process has written its part;
         older checkpoints are rotated out only after that, so a kill while saving always leaves the previous
-        complete one."""
+        complete one. A full disk is said so, and the half-written checkpoint removed."""
         run_dir = self._get_output_dir(trial=trial)
         folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
             unmark(folder)  # a resumed run writing a step again: that folder is incomplete until marked anew
         limit, self.args.save_total_limit = self.args.save_total_limit, None  # the Trainer rotates before we mark
         try:
-            super()._save_checkpoint(model, trial)
+            with clear_disk_full_error(folder, remove=True):
+                super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             mark_complete(folder, self.state.global_step, self.run_settings)
             rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Trainer's `save_model`; a full disk while saving the final model is said so, naming the folder."""
+        if _internal_call:  # a checkpoint's weights: `_save_checkpoint` handles a full disk
+            return super().save_model(output_dir, _internal_call)
+        with clear_disk_full_error(output_dir or self.args.output_dir):
+            return super().save_model(output_dir, _internal_call)
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer, with encoder parameters moved to groups of `encoder_learning_rate_scale` x lr."""

@@ -175,3 +175,35 @@ def test_auto_resume_into_the_folder_of_a_run_with_other_settings_is_refused(tmp
 def test_resuming_a_checkpoint_of_another_method_names_both_methods(tmp_path, uninterrupted):
     with pytest.raises(CheckpointError, match="method: 'lora' in the checkpoint, 'full' now"):
         checkpoint_to_resume(str(uninterrupted), None, True, settings_of("--method", "full"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB filesystem of its own (tmpfs; mounting needs root): the recipe's checkpoints are 3.3 MB."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", disk]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", disk], check=True)
+
+
+def test_a_full_disk_is_said_so_and_the_retry_clears_what_it_left(small_disk):
+    output = small_disk / "run"
+    output.mkdir()
+    (small_disk / "ballast").write_bytes(bytes(4 * 2**20))
+    result = subprocess.run([*command(output), "--max_steps", "4"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 1
+    message = result.stderr.splitlines()[-1]
+    assert message.startswith(f"mmpeft: no space left on device while saving {output / 'checkpoint-4'} (")
+    assert "the half-written folder was removed" in message and not (output / "checkpoint-4").exists()
+
+    # A half-written checkpoint left by a run killed while saving, and no complete one: auto_resume removes it (the
+    # retry would not have the space to save otherwise).
+    (small_disk / "ballast").unlink()
+    (output / "checkpoint-8").mkdir()
+    (output / "checkpoint-8" / "optimizer.pt").write_bytes(bytes(3 * 2**20))
+    result = subprocess.run([*command(output), "--max_steps", "4"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Removing incomplete checkpoint {output / 'checkpoint-8'}" in result.stderr
+    assert latest_complete_checkpoint(str(output)) == str(output / "checkpoint-4")
