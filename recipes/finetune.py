@@ -17,6 +17,7 @@ checkpoints, and the W&B run (offline without an API key).
 import json
 import logging
 import os
+import signal
 import sys
 
 import transformers
@@ -63,6 +64,14 @@ HYPERPARAMETERS = (
     "weight_decay",
     "seed",
 )
+
+
+class TrainingStopped(Exception):
+    """Training stopped by a signal after saving a checkpoint; the message says how to resume."""
+
+    def __init__(self, number: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + number  # the shell's convention for a process ended by a signal
 
 
 def main(argv=None):
@@ -173,6 +182,14 @@ def train(model_args, data_args, tuning_args, training_args, config_path):
     trainer.add_callback(WandbRunInfoCallback(run_info))
 
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.stop_signal is not None:
+        _finish_wandb()
+        step = trainer.state.global_step
+        raise TrainingStopped(
+            trainer.stop_signal,
+            f"stopped by {signal.Signals(trainer.stop_signal).name} at step {step}, checkpoint saved in "
+            f"{os.path.join(training_args.output_dir, f'checkpoint-{step}')}; resume with --auto_resume true",
+        )
     trainer.save_metrics("train", train_result.metrics)
     metrics = trainer.evaluate() if eval_dataset else {}
     if metrics:
@@ -266,3 +283,6 @@ if __name__ == "__main__":
         main()
     except (PushError, BadSampleError, CheckpointError, OutputDirInUseError) as error:
         sys.exit(f"mmpeft: {error}")
+    except TrainingStopped as stop:
+        print(f"mmpeft: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)

@@ -19,7 +19,13 @@ from .checkpoints import (
 )
 from .packing import check_padding_free_attention, use_packed_attention
 from .quantization import describe_precision, precision_summary, quantization_config
-from .trainer import EncoderCheckpointingCallback, MMPeftTrainer, WandbRunInfoCallback, peak_memory_mb
+from .trainer import (
+    EncoderCheckpointingCallback,
+    MMPeftTrainer,
+    StopOnSignalCallback,
+    WandbRunInfoCallback,
+    peak_memory_mb,
+)
 from .tuning import count_parameters, describe_trainable, setup_tuning
 
 
@@ -31,6 +37,7 @@ __all__ = [
     "MMPeftTrainingArguments",
     "ModelArguments",
     "OutputDirInUseError",
+    "StopOnSignalCallback",
     "TuningArguments",
     "WandbRunInfoCallback",
     "check_padding_free_attention",

@@ -1,11 +1,13 @@
 """`transformers.Trainer` plus what it lacks for mmpeft: generation-based eval metrics (exact-match accuracy,
 overall and per task; WER / BLEU on request), throughput, data-wait share and peak memory in the logs, checkpoints
-that are complete or ignored, length-grouped sampling from known lengths, logits only where a loss needs them, and
-packed attention for padding-free batches (`mmpeft.training.packing`)."""
+that are complete or ignored, a clean stop with a checkpoint on SIGINT / SIGTERM, length-grouped sampling from
+known lengths, logits only where a loss needs them, and packed attention for padding-free batches
+(`mmpeft.training.packing`)."""
 
 import os
 import re
 import resource
+import signal
 import sys
 import threading
 import time
@@ -143,6 +145,8 @@ class MMPeftTrainer(Trainer):
     ):
         super().__init__(*args, **kwargs)
         self.run_settings = run_settings
+        self.stop_on_signal = StopOnSignalCallback(self.accelerator)
+        self.add_callback(self.stop_on_signal)
         self.encoder_learning_rate_scale = encoder_learning_rate_scale
         self.generation_dataset = generation_dataset
         self.load_report = SkipReport()
@@ -187,6 +191,11 @@ class MMPeftTrainer(Trainer):
             return super().save_model(output_dir, _internal_call)
         with clear_disk_full_error(output_dir or self.args.output_dir):
             return super().save_model(output_dir, _internal_call)
+
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal (SIGINT, SIGTERM) that stopped training early, after a checkpoint was saved; None otherwise."""
+        return self.stop_on_signal.received
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer, with encoder parameters moved to groups of `encoder_learning_rate_scale` x lr."""
@@ -330,6 +339,46 @@ class MMPeftTrainer(Trainer):
         return scores
 
 
+class StopOnSignalCallback(TrainerCallback):
+    """Stops training cleanly on SIGINT (Ctrl-C) or SIGTERM (schedulers, preemption): the step under way finishes,
+    a complete checkpoint is saved, training stops (`MMPeftTrainer.stop_signal` says why). A second signal acts as
+    it would without this callback. With several processes, a signal received by any of them stops all of them at
+    the same step (one all-reduce of a flag per step), so that they save together.
+
+    transformers' own `enable_jit_checkpoint` handles SIGTERM only, and saves in the middle of a step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.received = None
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.received = None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set signal handlers
+            self._previous = {number: signal.signal(number, self._receive) for number in self.SIGNALS}
+
+    def _receive(self, number, frame):
+        self.received = number
+        self._restore()
+
+    def _restore(self):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(self.received or 0, device=self.accelerator.device)
+            self.received = int(self.accelerator.reduce(flag, reduction="max")) or None
+        if self.received is not None:
+            control.should_save = control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
+        self._previous = {}
+
+
 class EncoderCheckpointingCallback(TrainerCallback):
     """Turns gradient checkpointing back off inside the encoders once the Trainer has enabled it model-wide
     (non-reentrant, transformers' default), leaving it on for the LM."""
@@ -358,6 +407,7 @@ class WandbRunInfoCallback(TrainerCallback):
 __all__ = [
     "EncoderCheckpointingCallback",
     "MMPeftTrainer",
+    "StopOnSignalCallback",
     "WandbRunInfoCallback",
     "logits_for_labels_only",
     "peak_memory_mb",

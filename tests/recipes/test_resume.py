@@ -4,6 +4,7 @@ one (CPU, one process), and a checkpoint left half-written by a kill is never re
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -175,6 +176,34 @@ def test_auto_resume_into_the_folder_of_a_run_with_other_settings_is_refused(tmp
 def test_resuming_a_checkpoint_of_another_method_names_both_methods(tmp_path, uninterrupted):
     with pytest.raises(CheckpointError, match="method: 'lora' in the checkpoint, 'full' now"):
         checkpoint_to_resume(str(uninterrupted), None, True, settings_of("--method", "full"))
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_complete_checkpoint_and_auto_resume_continues_bit_exact(tmp_path, uninterrupted, number):
+    output = tmp_path / "signalled"
+    process = subprocess.Popen(
+        command(output), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    logged = 0
+    for line in process.stdout:
+        logged += "'loss'" in line
+        if logged == 6:  # between the checkpoints of steps 4 and 8
+            process.send_signal(number)
+            break
+    process.stdout.read()
+    assert process.wait(timeout=TIMEOUT) == 128 + number
+    message = process.stderr.read().splitlines()[-1]
+    name = signal.Signals(number).name
+    step = int(re.fullmatch(rf"mmpeft: stopped by {name} at step (\d+), checkpoint saved in .*", message).group(1))
+    assert message.endswith(f"checkpoint saved in {output / f'checkpoint-{step}'}; resume with --auto_resume true")
+    assert 6 <= step < 24 and latest_complete_checkpoint(str(output)) == str(output / f"checkpoint-{step}")
+    assert not (output / "eval_results.json").exists()
+
+    result = run(output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"auto_resume: resuming from {output / f'checkpoint-{step}'}" in result.stderr
+    assert_same_final_state(output, uninterrupted)
 
 
 @pytest.fixture
