@@ -63,7 +63,7 @@ class OutputDirInUseError(RuntimeError):
 def mark_complete(folder: str, step: int, settings: dict | None = None) -> None:
     """Write `folder`'s completion marker (atomically: written aside, then renamed into place): the step, the
     checkpoint's files with their sizes, and the run's `settings`."""
-    names = sorted(os.listdir(folder))
+    names = sorted(name for name in os.listdir(folder) if not name.startswith(COMPLETE_MARKER))  # not itself
     sizes = {name: os.path.getsize(os.path.join(folder, name)) for name in names}
     path = os.path.join(folder, COMPLETE_MARKER)
     with open(path + ".tmp", "w") as file:
@@ -92,7 +92,7 @@ def damaged_files(folder: str) -> list[str]:
     damaged = []
     for name in marker["files"]:
         path = os.path.join(folder, name)
-        if name.endswith(".tmp"):  # earlier markers listed their own .tmp file
+        if name.startswith(COMPLETE_MARKER):  # markers before this check listed their own .tmp file
             continue
         if not os.path.exists(path):
             damaged.append(name)

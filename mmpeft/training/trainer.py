@@ -165,6 +165,7 @@ class MMPeftTrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:
             self.peak_memory.stop()
+            self.stop_on_signal.restore()  # also when training raised
 
     def _save_checkpoint(self, model, trial):
         """Trainer's checkpoint, marked complete (with the run's settings) once every process has written its part;
@@ -361,11 +362,13 @@ class StopOnSignalCallback(TrainerCallback):
 
     def _receive(self, number, frame):
         self.received = number
-        self._restore()
+        self.restore()
 
-    def _restore(self):
+    def restore(self):
+        """Put back the signal handlers there were before training."""
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+        self._previous = {}
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.accelerator.num_processes > 1:
@@ -373,10 +376,6 @@ class StopOnSignalCallback(TrainerCallback):
             self.received = int(self.accelerator.reduce(flag, reduction="max")) or None
         if self.received is not None:
             control.should_save = control.should_training_stop = True
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._restore()
-        self._previous = {}
 
 
 class EncoderCheckpointingCallback(TrainerCallback):
