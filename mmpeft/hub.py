@@ -17,8 +17,16 @@ from .models import MMPeftConfig
 
 MODEL_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 MODEL_CODE = ("configuration_mmpeft.py", "modeling_mmpeft.py", "processing_mmpeft.py")
-# Never uploaded: resumable state, trackers' folders, and training_args.bin (a pickle that can hold a token).
-IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "wandb/**", "runs/**", "*.bin", "data_report.json"]
+# Never uploaded: resumable state, trackers' folders, training_args.bin (a pickle that can hold a token), the lock.
+IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "checkpoint-*/**",
+    "wandb/**",
+    "runs/**",
+    "*.bin",
+    "data_report.json",
+    ".mmpeft.lock",
+]
 
 
 class PushError(RuntimeError):

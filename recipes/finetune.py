@@ -17,6 +17,7 @@ checkpoints, and the W&B run (offline without an API key).
 import json
 import logging
 import os
+import signal
 import sys
 
 import transformers
@@ -25,9 +26,11 @@ from transformers import EarlyStoppingCallback, set_seed
 from mmpeft.data import BadSampleError, MMPeftDataCollator, MMPeftDataset, SkipReport
 from mmpeft.hub import PushError, push_output
 from mmpeft.training import (
+    CheckpointError,
     ConfigError,
     EncoderCheckpointingCallback,
     MMPeftTrainer,
+    OutputDirInUseError,
     WandbRunInfoCallback,
     check_streaming,
     checkpoint_to_resume,
@@ -37,10 +40,12 @@ from mmpeft.training import (
     describe_trainable,
     load_datasets,
     load_model,
+    lock_output_dir,
     parse_args,
     quantization_config,
     reference_checkpoint,
     remove_incomplete_checkpoints,
+    run_settings,
     setup_tuning,
 )
 
@@ -62,8 +67,28 @@ HYPERPARAMETERS = (
 )
 
 
+class TrainingStopped(Exception):
+    """Training stopped by a signal after saving a checkpoint; the message says how to resume."""
+
+    def __init__(self, number: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + number  # the shell's convention for a process ended by a signal
+
+
 def main(argv=None):
-    model_args, data_args, tuning_args, training_args, config_path = parse_args(argv, default_config=DEFAULT_CONFIG)
+    args = parse_args(argv, default_config=DEFAULT_CONFIG)
+    training_args = args[3]  # after the model, data and tuning arguments
+    # One run per output folder (the global main process holds the lock): a second one would take the first's
+    # checkpoint being written for one left half-written, and delete it.
+    lock = lock_output_dir(training_args.output_dir) if training_args.process_index == 0 else None
+    try:
+        return train(*args)
+    finally:
+        if lock:
+            lock.close()
+
+
+def train(model_args, data_args, tuning_args, training_args, config_path):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.logging.set_verbosity_warning()
     logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
@@ -78,6 +103,16 @@ def main(argv=None):
     if push_to_hub and not training_args.hub_model_id:
         raise ValueError("push_to_hub needs hub_model_id (the repository to push to, e.g. user/my-omni-model).")
     set_seed(training_args.seed)
+    settings = run_settings(model_args, data_args, tuning_args, training_args)
+    checkpoint = checkpoint_to_resume(
+        training_args.output_dir,
+        training_args.resume_from_checkpoint,
+        training_args.auto_resume,
+        settings,
+        training_args.resume_with_changed_settings,
+    )
+    if (checkpoint or training_args.auto_resume) and training_args.process_index == 0:
+        remove_incomplete_checkpoints(training_args.output_dir)
 
     ################
     # Model
@@ -136,6 +171,7 @@ def main(argv=None):
         generation_metrics=training_args.generation_metrics,
         generation_max_new_tokens=training_args.generation_max_new_tokens,
         encoder_learning_rate_scale=tuning_args.encoder_learning_rate_scale,
+        run_settings=settings,
     )
     if training_args.gradient_checkpointing and not tuning_args.encoder_gradient_checkpointing:
         trainer.add_callback(EncoderCheckpointingCallback())
@@ -150,12 +186,15 @@ def main(argv=None):
     }
     trainer.add_callback(WandbRunInfoCallback(run_info))
 
-    checkpoint = checkpoint_to_resume(
-        training_args.output_dir, training_args.resume_from_checkpoint, training_args.auto_resume
-    )
-    if checkpoint and trainer.is_world_process_zero():
-        remove_incomplete_checkpoints(training_args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.stop_signal is not None:
+        _finish_wandb()
+        step = trainer.state.global_step
+        raise TrainingStopped(
+            trainer.stop_signal,
+            f"stopped by {signal.Signals(trainer.stop_signal).name} at step {step}, checkpoint saved in "
+            f"{os.path.join(training_args.output_dir, f'checkpoint-{step}')}; resume with --auto_resume true",
+        )
     trainer.save_metrics("train", train_result.metrics)
     metrics = trainer.evaluate() if eval_dataset else {}
     if metrics:
@@ -247,5 +286,8 @@ def _finish_wandb() -> str | None:
 if __name__ == "__main__":
     try:
         main()
-    except (PushError, BadSampleError, ConfigError, FileNotFoundError) as error:  # the data or the setting at fault
+    except (PushError, BadSampleError, ConfigError, CheckpointError, OutputDirInUseError, FileNotFoundError) as error:
         sys.exit(f"mmpeft: {error}")
+    except TrainingStopped as stop:
+        print(f"mmpeft: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)

@@ -17,6 +17,7 @@ from recipe_helpers import TINY, finetune
 from tiny_parts import build
 
 from mmpeft import MMPeftForConditionalGeneration, MMPeftProcessor
+from mmpeft.training.checkpoints import mark_complete
 from mmpeft.training.export import merge_adapter
 
 
@@ -68,6 +69,7 @@ def test_resume_refuses_a_pickle_planted_in_a_checkpoint(name, tmp_path):
     checkpoint = output / "checkpoint-2"
     marker = tmp_path / "ran"
     plant_pickle(checkpoint / name, marker)
+    mark_complete(str(checkpoint), 2)  # as whoever planted it could: the loader itself must refuse it
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         finetune.main([*args, "--max_steps", "4", "--resume_from_checkpoint", str(checkpoint)])
     assert not marker.exists()

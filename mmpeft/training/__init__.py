@@ -9,20 +9,37 @@ from .arguments import (
     parse_args,
 )
 from .builders import check_streaming, configure_wandb, load_datasets, load_model, reference_checkpoint
-from .checkpoints import checkpoint_to_resume, latest_complete_checkpoint, remove_incomplete_checkpoints
+from .checkpoints import (
+    CheckpointError,
+    OutputDirInUseError,
+    checkpoint_to_resume,
+    latest_complete_checkpoint,
+    lock_output_dir,
+    remove_incomplete_checkpoints,
+    run_settings,
+)
 from .packing import check_padding_free_attention, use_packed_attention
 from .quantization import describe_precision, precision_summary, quantization_config
-from .trainer import EncoderCheckpointingCallback, MMPeftTrainer, WandbRunInfoCallback, peak_memory_mb
+from .trainer import (
+    EncoderCheckpointingCallback,
+    MMPeftTrainer,
+    StopOnSignalCallback,
+    WandbRunInfoCallback,
+    peak_memory_mb,
+)
 from .tuning import count_parameters, describe_trainable, setup_tuning
 
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "DataArguments",
     "EncoderCheckpointingCallback",
     "MMPeftTrainer",
     "MMPeftTrainingArguments",
     "ModelArguments",
+    "OutputDirInUseError",
+    "StopOnSignalCallback",
     "TuningArguments",
     "WandbRunInfoCallback",
     "check_padding_free_attention",
@@ -35,12 +52,14 @@ __all__ = [
     "load_datasets",
     "latest_complete_checkpoint",
     "load_model",
+    "lock_output_dir",
     "parse_args",
     "peak_memory_mb",
     "precision_summary",
     "quantization_config",
     "reference_checkpoint",
     "remove_incomplete_checkpoints",
+    "run_settings",
     "setup_tuning",
     "use_packed_attention",
 ]

@@ -355,6 +355,14 @@ class MMPeftTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Stop after this many evaluations without improving metric_for_best_model."},
     )
+    resume_with_changed_settings: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume a checkpoint saved with other settings (learning rate, data, method, ...; listed in "
+            "mmpeft.training.checkpoints.RUN_SETTINGS) instead of refusing. What is trained (method, *_tuning, "
+            "lora_r) must still match the checkpoint's."
+        },
+    )
 
     def __post_init__(self):
         # Counting real (non-padding) tokens is what tokens/s is computed from.

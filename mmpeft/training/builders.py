@@ -3,6 +3,8 @@
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 import datasets
 import torch
@@ -22,12 +24,22 @@ REFERENCE_NAME = "tiny-omni-v1"  # bump with any change to mmpeft.reference
 
 
 def reference_checkpoint() -> str:
-    """Path of the tiny reference checkpoint, built into the cache on first use (deterministic, offline)."""
+    """Path of the tiny reference checkpoint, built into the cache on first use (deterministic, offline).
+
+    Processes starting at once on an empty cache each build it in a folder of their own and rename that into place
+    (atomic: a half-built checkpoint is never seen); the first rename wins, the others' copies are dropped."""
     path = os.path.join(CACHE_DIR, REFERENCE_NAME)
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         logger.info(f"Building the tiny reference checkpoint in {path}")
-        build_reference_checkpoint(path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: a half-built checkpoint is never seen
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        building = tempfile.mkdtemp(prefix=f"{REFERENCE_NAME}.tmp-", dir=CACHE_DIR)
+        build_reference_checkpoint(building)
+        try:
+            os.replace(building, path)
+        except OSError:  # another process renamed its copy first (same contents: the build is deterministic)
+            shutil.rmtree(building)
+            if not os.path.exists(os.path.join(path, "model.safetensors")):
+                raise
     return path
 
 

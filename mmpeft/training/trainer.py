@@ -1,11 +1,13 @@
 """`transformers.Trainer` plus what it lacks for mmpeft: generation-based eval metrics (exact-match accuracy,
 overall and per task; WER / BLEU on request), throughput, data-wait share and peak memory in the logs, checkpoints
-that are complete or ignored, length-grouped sampling from known lengths, logits only where a loss needs them, and
-packed attention for padding-free batches (`mmpeft.training.packing`)."""
+that are complete or ignored, a clean stop with a checkpoint on SIGINT / SIGTERM, length-grouped sampling from
+known lengths, logits only where a loss needs them, and packed attention for padding-free batches
+(`mmpeft.training.packing`)."""
 
 import os
 import re
 import resource
+import signal
 import sys
 import threading
 import time
@@ -25,7 +27,7 @@ from ..data import MMPeftDataCollator, MMPeftDataset
 from ..data.dataset import IGNORE_INDEX, SkipReport
 from ..data.streaming import StreamingDataset
 from ..metrics import compute_metrics
-from .checkpoints import mark_complete
+from .checkpoints import clear_disk_full_error, mark_complete, unmark
 from .packing import check_padding_free_attention, use_packed_attention
 from .tuning import PART_MODULES
 
@@ -126,6 +128,8 @@ class MMPeftTrainer(Trainer):
         generation_metrics: metric names (`mmpeft.metrics.METRICS`); `accuracy` is exact match.
         generation_max_new_tokens: longest answer generated.
         encoder_learning_rate_scale: learning rate of encoder parameters relative to the others.
+        run_settings: the settings a checkpoint is saved with (`mmpeft.training.checkpoints.run_settings`), compared
+            when resuming.
         All other arguments are `transformers.Trainer`'s.
     """
 
@@ -136,9 +140,13 @@ class MMPeftTrainer(Trainer):
         generation_metrics=("accuracy",),
         generation_max_new_tokens=32,
         encoder_learning_rate_scale=1.0,
+        run_settings=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.run_settings = run_settings
+        self.stop_on_signal = StopOnSignalCallback(self.accelerator)
+        self.add_callback(self.stop_on_signal)
         self.encoder_learning_rate_scale = encoder_learning_rate_scale
         self.generation_dataset = generation_dataset
         self.load_report = SkipReport()
@@ -157,22 +165,38 @@ class MMPeftTrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:
             self.peak_memory.stop()
+            self.stop_on_signal.restore()  # also when training raised
 
     def _save_checkpoint(self, model, trial):
-        """Trainer's checkpoint, marked complete once every process has written its part; older checkpoints
-        are rotated out only after that, so a kill while saving always leaves the previous complete one."""
+        """Trainer's checkpoint, marked complete (with the run's settings) once every process has written its part;
+        older checkpoints are rotated out only after that, so a kill while saving always leaves the previous
+        complete one. A full disk is said so, and the half-written checkpoint removed."""
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            unmark(folder)  # a resumed run writing a step again: that folder is incomplete until marked anew
         limit, self.args.save_total_limit = self.args.save_total_limit, None  # the Trainer rotates before we mark
         try:
-            super()._save_checkpoint(model, trial)
+            with clear_disk_full_error(folder, remove=True):
+                super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            mark_complete(
-                os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"), self.state.global_step
-            )
+            mark_complete(folder, self.state.global_step, self.run_settings)
             rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Trainer's `save_model`; a full disk while saving the final model is said so, naming the folder."""
+        if _internal_call:  # a checkpoint's weights: `_save_checkpoint` handles a full disk
+            return super().save_model(output_dir, _internal_call)
+        with clear_disk_full_error(output_dir or self.args.output_dir):
+            return super().save_model(output_dir, _internal_call)
+
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal (SIGINT, SIGTERM) that stopped training early, after a checkpoint was saved; None otherwise."""
+        return self.stop_on_signal.received
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer, with encoder parameters moved to groups of `encoder_learning_rate_scale` x lr."""
@@ -316,6 +340,44 @@ class MMPeftTrainer(Trainer):
         return scores
 
 
+class StopOnSignalCallback(TrainerCallback):
+    """Stops training cleanly on SIGINT (Ctrl-C) or SIGTERM (schedulers, preemption): the step under way finishes,
+    a complete checkpoint is saved, training stops (`MMPeftTrainer.stop_signal` says why). A second signal acts as
+    it would without this callback. With several processes, a signal received by any of them stops all of them at
+    the same step (one all-reduce of a flag per step), so that they save together.
+
+    transformers' own `enable_jit_checkpoint` handles SIGTERM only, and saves in the middle of a step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.received = None
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.received = None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set signal handlers
+            self._previous = {number: signal.signal(number, self._receive) for number in self.SIGNALS}
+
+    def _receive(self, number, frame):
+        self.received = number
+        self.restore()
+
+    def restore(self):
+        """Put back the signal handlers there were before training."""
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(self.received or 0, device=self.accelerator.device)
+            self.received = int(self.accelerator.reduce(flag, reduction="max")) or None
+        if self.received is not None:
+            control.should_save = control.should_training_stop = True
+
+
 class EncoderCheckpointingCallback(TrainerCallback):
     """Turns gradient checkpointing back off inside the encoders once the Trainer has enabled it model-wide
     (non-reentrant, transformers' default), leaving it on for the LM."""
@@ -344,6 +406,7 @@ class WandbRunInfoCallback(TrainerCallback):
 __all__ = [
     "EncoderCheckpointingCallback",
     "MMPeftTrainer",
+    "StopOnSignalCallback",
     "WandbRunInfoCallback",
     "logits_for_labels_only",
     "peak_memory_mb",

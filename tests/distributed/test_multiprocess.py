@@ -6,7 +6,9 @@ Marked `multiprocess` (each launch costs ~10-40 s); `.ci/run` runs them with the
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from mmpeft import MMPeftForConditionalGeneration
+from mmpeft.training import latest_complete_checkpoint
 
 
 pytestmark = pytest.mark.multiprocess
@@ -56,8 +59,8 @@ RECIPE_ARGS = [
 ]
 
 
-def launch(config: str, output_dir, *args, env=None):
-    command = [
+def launch_command(config: str, output_dir, *args) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
@@ -73,6 +76,10 @@ def launch(config: str, output_dir, *args, env=None):
         str(output_dir),
         *args,
     ]
+
+
+def launch(config: str, output_dir, *args, env=None):
+    command = launch_command(config, output_dir, *args)
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=420, env={**os.environ, **(env or {})}, cwd=output_dir.parent
     )
@@ -144,6 +151,30 @@ def test_ddp_resume_from_a_checkpoint_is_bit_exact(tmp_path):
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in resumed.items():
         assert torch.equal(tensor, uninterrupted[name]), name
+
+
+def test_ddp_sigterm_stops_both_processes_at_one_step_with_a_complete_checkpoint(tmp_path):
+    # SIGTERM to the launcher, as a scheduler sends it: it passes it on to both processes, which may get it in
+    # different steps; they stop at the same one and save it together.
+    output = tmp_path / "stopped"
+    output.mkdir()
+    process = subprocess.Popen(
+        launch_command("cpu_2proc.yaml", output, "--max_steps", "40"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    logged = 0
+    for line in process.stdout:
+        logged += "'loss'" in line
+        if logged == 3:
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=420)
+    assert process.returncode != 0
+    steps = {int(step) for step in re.findall(r"stopped by SIGTERM at step (\d+)", stderr)}
+    assert len(re.findall(r"stopped by SIGTERM at step", stderr)) == 2 and len(steps) == 1, stderr[-4000:]
+    step = steps.pop()
+    assert 3 <= step < 40 and latest_complete_checkpoint(str(output)) == str(output / f"checkpoint-{step}")
 
 
 def test_deepspeed_zero2_lora_mixed_modalities(tmp_path):

@@ -157,7 +157,9 @@ def test_resume_from_checkpoint_continues(tmp_path):
     args = [*TINY, "--output_dir", str(output), "--save_strategy", "steps", "--save_steps", "6", "--report_to", "none"]
     finetune.main([*args, "--max_steps", "6"])
     assert (output / "checkpoint-6").is_dir()
-    trainer = finetune.main([*args, "--max_steps", "12", "--resume_from_checkpoint", str(output / "checkpoint-6")])
+    # A longer run than the checkpoint's changes the schedule: resuming it is asked for.
+    resume = ["--resume_from_checkpoint", str(output / "checkpoint-6"), "--resume_with_changed_settings", "true"]
+    trainer = finetune.main([*args, "--max_steps", "12", *resume])
     assert trainer.state.global_step == 12
     steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
     # Steps 1-6 come from the checkpoint's history, 7-12 from this run: it continued rather than starting over.
