@@ -347,8 +347,10 @@ class MMPeftTrainingArguments(TrainingArguments):
     auto_resume: bool = field(
         default=False,
         metadata={
-            "help": "Resume from the latest complete checkpoint in output_dir if there is one (checkpoints left "
-            "half-written by a killed run are ignored and removed); start fresh otherwise."
+            "help": "Resume from the latest complete and intact checkpoint in output_dir if there is one "
+            "(checkpoints left half-written by a killed run are removed, damaged ones passed over); start fresh "
+            "otherwise. A checkpoint saved with other result-changing settings is refused "
+            "(see resume_with_changed_settings)."
         },
     )
     early_stopping_patience: int | None = field(
