@@ -200,13 +200,14 @@ def _render(processor, view: list[dict], lengths: list[int], text: str, add_gene
             plain = chat_utils._plain_template_data
             messages = chat_utils._alias_reasoning_fields(plain(chat_utils._normalize_chat_messages(view)))
             variables = dict(tools=None, documents=None, **plain(dict(processor.tokenizer.special_tokens_map)))
-            if template.render(messages=messages, add_generation_prompt=False, **variables) == text:
-                return [
-                    template.render(
-                        messages=messages[:length], add_generation_prompt=add_generation_prompt, **variables
-                    )
-                    for length in lengths
-                ]
+
+            def render(messages, add_generation_prompt):  # each rendering limited, as `apply_chat_template` limits it
+                seconds = processing_mmpeft.CHAT_TEMPLATE_TIME_LIMIT
+                with time_limit(seconds, f"chat template: rendering took over {seconds:g} s"):
+                    return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+
+            if render(messages, False) == text:
+                return [render(messages[:length], add_generation_prompt) for length in lengths]
         except (AttributeError, TypeError):  # another transformers: the processor renders
             pass
     return processor.apply_chat_template(
@@ -441,11 +442,7 @@ def make_row(
     extra = len(media["image"]) * ((processor.image_seq_length or 1) - 1) + sum(audio_tokens) - len(audio_tokens)
     try:  # refused before the per-turn work: the limit less what the media add when expanded
         limit = None if max_length is None else max_length - extra
-        # Every render is limited (prefixes are rendered outside `apply_chat_template` too): a template that loops
-        # over this sample's content fails the sample.
-        seconds = processing_mmpeft.CHAT_TEMPLATE_TIME_LIMIT
-        with time_limit(seconds, f"chat template: rendering took over {seconds:g} s"):
-            input_ids, labels, prompt_length = tokenize_conversation(processor, conversation, limit)
+        input_ids, labels, prompt_length = tokenize_conversation(processor, conversation, limit)
     except ConversationTooLong as error:
         at_least = "" if error.exact else "at least "
         raise OverlongError(

@@ -197,12 +197,16 @@ class MMPeftProcessor(ProcessorMixin):
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         """`ProcessorMixin.apply_chat_template`; rendering to text (`tokenize=False`, the default) is limited to
-        `CHAT_TEMPLATE_TIME_LIMIT` seconds and raises `ChatTemplateTimeout` beyond (tokenizing also loads media,
-        which takes its own time)."""
+        `CHAT_TEMPLATE_TIME_LIMIT` seconds a conversation and raises `ChatTemplateTimeout` beyond (tokenizing also
+        loads media, which takes its own time)."""
         if kwargs.get("tokenize"):
             return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
         limit = CHAT_TEMPLATE_TIME_LIMIT
-        with time_limit(limit, f"chat template: rendering took over {limit:g} s"):
+        batched = isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], list)
+        # The limit is per conversation: a batch of the prefixes of a long conversation is not a loop.
+        with time_limit(
+            limit * (len(conversation) if batched else 1), f"chat template: rendering took over {limit:g} s"
+        ):
             return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     @classmethod
