@@ -12,6 +12,8 @@ reference model's (the processor, not the model, sets the cost of preparing). Fo
 - preparation wall time and samples/s per `validate_media` policy, with all preparation workers (and with one);
 - the resident memory of a training process after its data is loaded and one step is taken, and its growth per
   prepared sample between the smallest and each larger size;
+- `make_row` on conversations of 50 to 1,600 turns, and on over-long ones (1,600 turns, one 50 MB line): time and
+  Python memory peak (over-long ones are refused before the per-turn work);
 - a cached restart's time to the first training step, and streaming's time to the first training step (each
   measured from the start of `recipes/finetune.py`'s `main`, in a fresh process, imports excluded);
 
@@ -152,6 +154,54 @@ def first_step(manifest: str, cache: str, output: str, *extra: str) -> dict:
     return measured
 
 
+def long_conversations(turns: list[int], line_mb: int, max_length: int = 4096) -> list[dict]:
+    """Time `make_row` on conversations of many turns (within any limit: kept; and over `max_length`: refused) and
+    on one line of `line_mb` MB of text (refused), with the peak of Python memory it took."""
+    import tracemalloc
+
+    from mmpeft.data import Record
+    from mmpeft.data.dataset import OverlongError, make_row
+    from mmpeft.models import MMPeftProcessor
+    from mmpeft.training import reference_checkpoint
+
+    processor = MMPeftProcessor.from_pretrained(reference_checkpoint())
+
+    def conversation(count: int) -> dict:
+        messages = [{"role": "system", "content": "Be brief."}]
+        for turn in range(count // 2):
+            messages += [
+                {"role": "user", "content": f"{QUESTIONS[turn % 4]} ({turn})"},
+                {"role": "assistant", "content": ANSWERS[turn % 4]},
+            ]
+        return {"messages": messages}
+
+    cases = [(f"{count} turns", conversation(count), None) for count in turns]
+    cases += [(f"{max(turns)} turns", conversation(max(turns)), max_length)]
+    text = "word " * (line_mb << 18)  # 5 bytes a word: line_mb MB
+    long_line = {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": ANSWERS[0]}]}
+    cases += [(f"one {line_mb} MB line", long_line, max_length)]
+    results = []
+    for name, data, limit in cases:
+
+        def prepare():
+            try:
+                return make_row(Record(data, name), processor, limit)["num_tokens"], "kept"
+            except OverlongError as error:
+                return None, f"refused ({error.reason})"
+
+        start = time.perf_counter()
+        tokens, outcome = prepare()
+        seconds = time.perf_counter() - start
+        tracemalloc.start()  # a second time, traced (tracing slows Python down: not timed)
+        prepare()
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        results.append({"case": name, "max_length": limit, "tokens": tokens, "outcome": outcome,
+                        "seconds": seconds, "peak_mb": peak})  # fmt: skip
+        print(f"make_row, {name}, max_length {limit}: {outcome} in {seconds:.2f} s, peak {peak:.0f} MB", flush=True)
+    return results
+
+
 def run(args) -> dict:
     from mmpeft.data.preparation import default_num_workers
 
@@ -159,6 +209,9 @@ def run(args) -> dict:
     folder = args.output or tempfile.mkdtemp(prefix="mmpeft-benchmark-data-")
     pool = None if args.measure_only else make_media(folder, *((4, 4) if args.quick else (64, 32)))
     results = {"machine": machine_description(), "workers": workers, "sizes": {}}
+    if not args.measure_only:
+        results["conversations"] = long_conversations([50, 200] if args.quick else [50, 100, 200, 400, 1600],
+                                                      line_mb=5 if args.quick else 50)  # fmt: skip
     for size in args.sizes:
         manifest = os.path.join(folder, f"manifest_{size}.jsonl")
         if not args.measure_only:  # (rewriting it would change its modification time: the caches would not match)
@@ -219,6 +272,13 @@ def table(results: dict) -> str:
             f"| {size:,} | {restart['first_step_s']:.1f} s | {entry['streaming']['first_step_s']:.1f} s "
             f"| {restart['rss_mb']:.0f} MB ({restart['rss_anon_mb']:.0f} MB) | {growth} |"
         )
+    if results.get("conversations"):
+        rows += ["", "| make_row on | max_length | outcome | time | Python memory peak |", "|---|---|---|---|---|"]
+        rows += [
+            f"| {run['case']} | {run['max_length'] or '-'} | {run['outcome']} | {run['seconds']:.2f} s "
+            f"| {run['peak_mb']:.0f} MB |"
+            for run in results["conversations"]
+        ]
     return "\n".join(rows)
 
 
