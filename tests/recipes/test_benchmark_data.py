@@ -21,5 +21,8 @@ def test_benchmark_data_quick_measures_every_policy_and_restart(tmp_path):
         entry["streaming"]["first_step_s"] > 0
         and 0 < entry["cached_restart"]["rss_anon_mb"] < entry["cached_restart"]["rss_mb"]
     )
+    outcomes = {(run["case"], run["max_length"]): run["outcome"] for run in results["conversations"]}
+    assert outcomes[("200 turns", None)] == "kept" and outcomes[("200 turns", 4096)] == "kept"
+    assert outcomes[("one 5 MB line", 4096)].startswith("refused (longer than max_length (at least ")
     table = (tmp_path / "benchmark_data.md").read_text()
     assert table.startswith("| records |") and table.count("\n| 300 |") == 4  # 3 policies, then the restart row
