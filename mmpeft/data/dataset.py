@@ -27,8 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils.chat_template_utils import _get_control_token_patterns, mark_control_tokens
 
-from ..models import processing_mmpeft
-from ..models.processing_mmpeft import ChatTemplateTimeout, time_limit
+from ..models.processing_mmpeft import ChatTemplateTimeout, rendering_time_limit
 from .formats import BadSampleError, Record, to_conversation
 from .media import MediaError, audio_length, check_image, load_audio, load_image
 from .sources import MediaPolicy, check_budget, check_unchanged, fetch, is_remote
@@ -202,8 +201,7 @@ def _render(processor, view: list[dict], lengths: list[int], text: str, add_gene
             variables = dict(tools=None, documents=None, **plain(dict(processor.tokenizer.special_tokens_map)))
 
             def render(messages, add_generation_prompt):  # each rendering limited, as `apply_chat_template` limits it
-                seconds = processing_mmpeft.CHAT_TEMPLATE_TIME_LIMIT
-                with time_limit(seconds, f"chat template: rendering took over {seconds:g} s"):
+                with rendering_time_limit():
                     return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
 
             if render(messages, False) == text:

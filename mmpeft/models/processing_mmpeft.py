@@ -77,6 +77,13 @@ def time_limit(seconds: float, message: str):
         signal.signal(signal.SIGALRM, previous)
 
 
+def rendering_time_limit(conversations: int = 1):
+    """`time_limit` for rendering `conversations` conversations with a chat template: `CHAT_TEMPLATE_TIME_LIMIT`
+    seconds each (a batch of the prefixes of a long conversation is not a loop)."""
+    limit = CHAT_TEMPLATE_TIME_LIMIT
+    return time_limit(limit * conversations, f"chat template: rendering took over {limit:g} s")
+
+
 # Name of the padding mask the model takes next to each kind of audio input.
 AUDIO_MASK_NAMES = {"input_features": "feature_attention_mask", "input_values": "input_values_mask"}
 
@@ -201,12 +208,8 @@ class MMPeftProcessor(ProcessorMixin):
         loads media, which takes its own time)."""
         if kwargs.get("tokenize"):
             return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
-        limit = CHAT_TEMPLATE_TIME_LIMIT
         batched = isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], list)
-        # The limit is per conversation: a batch of the prefixes of a long conversation is not a loop.
-        with time_limit(
-            limit * (len(conversation) if batched else 1), f"chat template: rendering took over {limit:g} s"
-        ):
+        with rendering_time_limit(len(conversation) if batched else 1):
             return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     @classmethod
@@ -323,5 +326,6 @@ __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
     "MMPeftProcessor",
     "load_without_code",
+    "rendering_time_limit",
     "time_limit",
 ]
