@@ -86,7 +86,8 @@ def main(argv=None):
         with training_args.main_process_first(desc="building the reference model"):  # once, by the first process
             model_args.model_name_or_path = reference_checkpoint()
     # Every process loads at once: under ZeRO-3 the weights are sharded collectively while loading.
-    model, processor = load_model(model_args, quantization_config(tuning_args))
+    quantization = quantization_config(tuning_args)
+    model, processor = load_model(model_args, quantization)
 
     ################
     # Dataset
@@ -180,6 +181,8 @@ def main(argv=None):
                 ),
             },
             "datasets": [spec["path"] for spec in data_args.train_data],
+            # How a QLoRA adapter's base was quantized: mmpeft.inference loads it the same way to evaluate or chat.
+            "quantization_config": quantization.to_dict() if quantization else None,
             **{k: v for k, v in train_result.metrics.items() if k in ("train_runtime", "train_samples_per_second")},
             **metrics,
         }
