@@ -121,7 +121,8 @@ def train(model_args, data_args, tuning_args, training_args, config_path):
         with training_args.main_process_first(desc="building the reference model"):  # once, by the first process
             model_args.model_name_or_path = reference_checkpoint()
     # Every process loads at once: under ZeRO-3 the weights are sharded collectively while loading.
-    model, processor = load_model(model_args, quantization_config(tuning_args))
+    quantization = quantization_config(tuning_args)
+    model, processor = load_model(model_args, quantization)
 
     ################
     # Dataset
@@ -219,6 +220,8 @@ def train(model_args, data_args, tuning_args, training_args, config_path):
                 ),
             },
             "datasets": [spec["path"] for spec in data_args.train_data],
+            # How a QLoRA adapter's base was quantized: mmpeft.inference loads it the same way to evaluate or chat.
+            "quantization_config": quantization.to_dict() if quantization else None,
             **{k: v for k, v in train_result.metrics.items() if k in ("train_runtime", "train_samples_per_second")},
             **metrics,
         }

@@ -8,7 +8,14 @@ from .arguments import (
     TuningArguments,
     parse_args,
 )
-from .builders import check_streaming, configure_wandb, load_datasets, load_model, reference_checkpoint
+from .builders import (
+    check_streaming,
+    configure_wandb,
+    load_datasets,
+    load_model,
+    prepare_data,
+    reference_checkpoint,
+)
 from .checkpoints import (
     CheckpointError,
     OutputDirInUseError,
@@ -56,6 +63,7 @@ __all__ = [
     "parse_args",
     "peak_memory_mb",
     "precision_summary",
+    "prepare_data",
     "quantization_config",
     "reference_checkpoint",
     "remove_incomplete_checkpoints",

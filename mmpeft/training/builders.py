@@ -79,6 +79,41 @@ def _mix(parts: list[tuple[datasets.Dataset, float]], seed: int) -> datasets.Dat
     return pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
 
 
+def _row_settings(args: DataArguments) -> dict:
+    """The data settings that decide what a prepared row is (and so the preparation cache key)."""
+    return dict(
+        max_length=args.max_length,
+        on_bad_sample=args.on_bad_sample,
+        on_overlong=args.on_overlong,
+        media_policy=args.media_policy,
+    )
+
+
+def prepare_data(
+    specs: list[dict], args: DataArguments, processor, reports: dict | None = None
+) -> list[tuple[datasets.Dataset, float]]:
+    """`(rows, weight)` of each dataset spec (`{path, weight, split}`), prepared per `args` through the cache
+    (`mmpeft.data.preparation.prepare_source`), so that training and `recipes/eval.py` read the same rows.
+    Each source's skip report is logged and added to `reports` (by path) when given."""
+    parts = []
+    for spec in specs:
+        prepared = prepare_source(
+            spec["path"],
+            processor,
+            args.prepared_data_dir or os.path.join(CACHE_DIR, "prepared"),
+            split=spec["split"],
+            validate_media=args.validate_media,
+            num_workers=args.preprocessing_num_workers,
+            **_row_settings(args),
+        )
+        rows, report = prepared.rows, prepared.report
+        logger.info(report.summary(spec["path"]))
+        if reports is not None:
+            reports[spec["path"]] = {**report.to_dict(), "prepared_data": prepared.path, "reused": prepared.reused}
+        parts.append((rows, spec["weight"]))
+    return parts
+
+
 def load_datasets(
     args: DataArguments, processor, output_dir: str | None = None, rank: int = 0, world_size: int = 1
 ) -> tuple[MMPeftDataset | StreamingDataset, MMPeftDataset | None, dict]:
@@ -98,38 +133,16 @@ def load_datasets(
         paths = generate_synthetic_dataset(folder, num_train=sizes[0], num_eval=sizes[1])
         train_specs = [{"path": paths["train"], "weight": 1.0, "split": "train"}]
         eval_specs = eval_specs or [{"path": paths["eval"], "weight": 1.0, "split": "validation"}]
-    settings = dict(
-        max_length=args.max_length,
-        on_bad_sample=args.on_bad_sample,
-        on_overlong=args.on_overlong,
-        media_policy=args.media_policy,
-    )
+    settings = _row_settings(args)
     reports = {}
-
-    def prepare(specs):
-        parts = []
-        for spec in specs:
-            prepared = prepare_source(
-                spec["path"],
-                processor,
-                args.prepared_data_dir or os.path.join(CACHE_DIR, "prepared"),
-                split=spec["split"],
-                validate_media=args.validate_media,
-                num_workers=args.preprocessing_num_workers,
-                **settings,
-            )
-            rows, report = prepared.rows, prepared.report
-            logger.info(report.summary(spec["path"]))
-            reports[spec["path"]] = {**report.to_dict(), "prepared_data": prepared.path, "reused": prepared.reused}
-            parts.append((rows, spec["weight"]))
-        return parts
 
     def dataset(rows, mode="train"):
         return MMPeftDataset(rows, processor, mode, args.on_bad_sample, args.media_policy)
 
     evaluation = None
     if eval_specs:
-        evaluation = datasets.concatenate_datasets([rows for rows, _ in prepare(eval_specs)])
+        parts = prepare_data(eval_specs, args, processor, reports)
+        evaluation = datasets.concatenate_datasets([rows for rows, _ in parts])
     if args.streaming:
         train = StreamingDataset(
             [(spec["path"], spec["split"]) for spec in train_specs],
@@ -142,7 +155,7 @@ def load_datasets(
             **settings,
         )
     else:
-        train = _mix(prepare(train_specs), args.data_seed_mixing)
+        train = _mix(prepare_data(train_specs, args, processor, reports), args.data_seed_mixing)
         if evaluation is None and args.eval_fraction:
             split = train.train_test_split(test_size=args.eval_fraction, seed=args.data_seed_mixing)
             train, evaluation = split["train"], split["test"]
@@ -179,7 +192,7 @@ def configure_wandb(training_args: MMPeftTrainingArguments, tuning_args: TuningA
     output directory, grouped and tagged so that runs to compare sit side by side."""
     if "wandb" not in training_args.report_to:
         return
-    if "WANDB_MODE" not in os.environ and not _wandb_logged_in():
+    if "WANDB_MODE" not in os.environ and not wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"
         logger.info("W&B: no API key configured, logging offline (sync later with `wandb sync`).")
     # Runs go under their output_dir unless the user chose WANDB_DIR (ours is remembered, so that several runs
@@ -194,11 +207,20 @@ def configure_wandb(training_args: MMPeftTrainingArguments, tuning_args: TuningA
     os.environ["WANDB_TAGS"] = ",".join(dict.fromkeys(tags))
 
 
-def _wandb_logged_in() -> bool:
+def wandb_logged_in() -> bool:
+    """Whether a W&B API key is configured (environment or ~/.netrc): runs go online, else offline."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = os.path.join(os.path.expanduser("~"), ".netrc")
     return os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read()
 
 
-__all__ = ["check_streaming", "configure_wandb", "load_datasets", "load_model", "reference_checkpoint"]
+__all__ = [
+    "check_streaming",
+    "configure_wandb",
+    "load_datasets",
+    "load_model",
+    "prepare_data",
+    "reference_checkpoint",
+    "wandb_logged_in",
+]

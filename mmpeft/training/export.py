@@ -3,10 +3,8 @@
 import os
 
 import torch
-from peft import PeftConfig, PeftModel
-from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as SAFE_ADAPTER_NAME
 
-from ..models import MMPeftForConditionalGeneration, MMPeftProcessor
+from ..inference import load_for_inference, output_kind
 
 
 def merge_adapter(
@@ -16,15 +14,13 @@ def merge_adapter(
     and save model + processor to `output_dir`: an ordinary checkpoint that needs neither PEFT nor the base.
 
     The fully trained modules saved with the adapter (projectors, ...) replace the base's. Adapter and base are
-    read from safetensors files only.
+    read from safetensors files only (`mmpeft.inference.load_for_inference`).
     """
-    if not os.path.isfile(os.path.join(adapter_dir, SAFE_ADAPTER_NAME)):  # PEFT would fall back to a pickle
-        raise ValueError(f"{adapter_dir} has no {SAFE_ADAPTER_NAME}: mmpeft loads adapters from safetensors only.")
-    base_path = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-    base = MMPeftForConditionalGeneration.from_pretrained(base_path, dtype=dtype)
-    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    model.save_pretrained(output_dir)
-    MMPeftProcessor.from_pretrained(adapter_dir).save_pretrained(output_dir)
+    if output_kind(adapter_dir) != "adapter":
+        raise ValueError(f"{adapter_dir} holds full weights already: there is no adapter to merge.")
+    model, processor = load_for_inference(adapter_dir, dtype=dtype, quantized=False)
+    model.merge_and_unload().save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
     return str(output_dir)
 
 

@@ -17,16 +17,15 @@ import torch
 import torch.nn.functional as F
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import gather_object
-from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..data import MMPeftDataCollator, MMPeftDataset
+from ..data import MMPeftDataset
 from ..data.dataset import IGNORE_INDEX, SkipReport
 from ..data.streaming import StreamingDataset
-from ..metrics import compute_metrics
+from ..inference import evaluate_generation
 from .checkpoints import clear_disk_full_error, mark_complete, unmark
 from .packing import check_padding_free_attention, use_packed_attention
 from .tuning import PART_MODULES
@@ -290,54 +289,24 @@ class MMPeftTrainer(Trainer):
             output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
         return output
 
-    @torch.no_grad()
-    def generate_answers(self, dataset: MMPeftDataset) -> tuple[list[str], set[int]]:
-        """Greedy answers to the prompts of `dataset` (`"generate"` mode), and the indices of samples whose media
-        failed to load (their answers are meaningless); each process generates a share and all get all."""
-        processor = self.processing_class
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        # Equal shares (the last padded with a repeat): under ZeRO-3 every process must take part in every
-        # generation step, so none may run out of batches before the others.
-        share = -(-len(dataset) // world)
-        indices = [min(i, len(dataset) - 1) for i in range(rank * share, (rank + 1) * share)]
-        loader = DataLoader(
-            Subset(dataset, indices),
-            batch_size=self.args.per_device_eval_batch_size,
-            collate_fn=MMPeftDataCollator(processor.tokenizer.pad_token_id, padding_side="left"),
-            num_workers=self.args.dataloader_num_workers,
-        )
-        answers, failed = [], []
-        progress = tqdm(
-            loader, desc="Generating", disable=not self.is_local_process_zero() or self.args.disable_tqdm, leave=False
-        )
-        for batch in progress:
-            failed += [sample["index"] for sample in batch.pop("skipped_samples", ())]
-            batch = {name: tensor.to(self.args.device) for name, tensor in batch.items()}
-            output = model.generate(**batch, max_new_tokens=self.generation_max_new_tokens, do_sample=False)
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            answers.extend(processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        model.train(was_training)
-        gathered = dict(gather_object(list(zip(indices, answers))))
-        return [gathered[i].strip() for i in range(len(dataset))], set(gather_object(failed))
-
     def generation_scores(self) -> dict[str, float]:
-        """Generation metrics over the generation dataset, overall and per task (`accuracy_<task>`); samples whose
-        media failed to load are left out (the eval-loss pass over the same samples counts them)."""
-        dataset = self.generation_dataset
-        answers, failed = self.generate_answers(dataset)
-        rows = dataset.rows.select_columns(["where", "reference", "task"])
-        kept = [row for index, row in enumerate(rows) if index not in failed]
-        answers = [answer for index, answer in enumerate(answers) if index not in failed]
-        references = [row["reference"] for row in kept]
-        scores = compute_metrics(self.generation_metric_names, answers, references)
-        for task in sorted({row["task"] for row in kept if row["task"]}):
-            picked = [i for i, row in enumerate(kept) if row["task"] == task]
-            accuracy = compute_metrics(["accuracy"], [answers[i] for i in picked], [references[i] for i in picked])
-            scores[f"accuracy_{task}"] = accuracy["accuracy"]
-        return scores
+        """Generation metrics over the generation dataset, overall and per task (`accuracy_<task>`), computed by
+        `mmpeft.inference.evaluate_generation` (as recipes/eval.py does); samples whose media failed to load are
+        left out (the eval-loss pass over the same samples counts them). Every process takes part."""
+        results = evaluate_generation(
+            self.accelerator.unwrap_model(self.model),
+            self.processing_class,
+            self.generation_dataset,
+            self.generation_metric_names,
+            batch_size=self.args.per_device_eval_batch_size,
+            max_new_tokens=self.generation_max_new_tokens,
+            device=self.args.device,
+            num_workers=self.args.dataloader_num_workers,
+            process_index=self.accelerator.process_index,
+            num_processes=self.accelerator.num_processes,
+            progress=self.is_local_process_zero() and not self.args.disable_tqdm,
+        )
+        return results.scores
 
 
 class StopOnSignalCallback(TrainerCallback):
