@@ -21,6 +21,7 @@ mixed into one generation.
 
 import base64
 import binascii
+import dataclasses
 import hmac
 import json
 import threading
@@ -58,14 +59,10 @@ class ServeSettings:
     def policy(self) -> MediaPolicy:
         """The media policy requests are held to: the settings' own, with this server's remote-media switch and
         audio limit (local paths are never outside `media_dir`)."""
-        base = self.media_policy
-        return MediaPolicy(
+        return dataclasses.replace(
+            self.media_policy,
             allow_outside=False,
             allow_remote=self.allow_remote_media,
-            allowed_networks=base.allowed_networks,
-            remote_timeout=base.remote_timeout,
-            remote_max_bytes=base.remote_max_bytes,
-            max_sample_pixels=base.max_sample_pixels,
             max_sample_audio_seconds=self.max_audio_seconds,
         )
 
