@@ -4,7 +4,9 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)        # or: python recipes/serve.py outputs/tiny-lora
 
 Endpoints: `POST /v1/chat/completions` (OpenAI's request and response shapes, `stream: true` as server-sent
-events of `chat.completion.chunk`s), `GET /v1/models`, `GET /health`.
+events of `chat.completion.chunk`s), `GET /v1/models`, `GET /health`, `GET /info` (the model's name and parts) and
+`GET /`, a web demo page (`static/demo.html`: text, image and audio uploads, microphone recording, streamed
+answers) that uses the same API.
 
 A request becomes model inputs through the training data path (`mmpeft.data.dataset.make_row` and `load_item`
 in generation mode): the same chat template, the same media checks (the pixel limit, the per-sample budget,
@@ -28,6 +30,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import TextIteratorStreamer
@@ -38,6 +41,7 @@ from .data.dataset import OverlongError, load_item, make_row
 
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
+DEMO_PAGE = Path(__file__).parent / "static" / "demo.html"
 ROLES = ("system", "user", "assistant")
 
 
@@ -272,7 +276,7 @@ def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
 def create_app(model, processor, settings: ServeSettings | None = None):
     """The FastAPI application serving `model` (any `load_for_inference` output) and its processor."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
     settings = settings or ServeSettings()
     engine = Engine(model, processor, settings)
@@ -304,6 +308,17 @@ def create_app(model, processor, settings: ServeSettings | None = None):
             return json.loads(body)
         except (ValueError, RecursionError) as failure:
             raise RequestError(f"the request body is not valid JSON: {failure}") from None
+
+    @app.get("/")
+    def demo():  # the web demo: a page that talks to this server's API
+        return HTMLResponse(DEMO_PAGE.read_text())
+
+    @app.get("/info")
+    def info():
+        config = engine.model.config
+        parts = {"vision": config.vision_config, "audio": config.audio_config, "language": config.text_config}
+        composition = {part: sub.model_type for part, sub in parts.items() if sub is not None}
+        return {"model": settings.model_name, "composition": composition}
 
     @app.get("/health")
     def health():

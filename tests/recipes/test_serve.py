@@ -240,3 +240,57 @@ def test_a_hostile_request_gets_a_4xx_and_the_server_keeps_serving(case, server,
     error = response.json()["error"]
     assert words in error["message"] and error["param"] == param and error["type"].endswith("_error")
     assert ask(client, [TEXT]).choices[0].message.content is not None  # still serving
+
+
+def browser():
+    """Headless Chromium driven by Selenium, or a skip naming what is missing (`.ci/run` installs both)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    binary, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("no chromium / chromedriver on PATH (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,900"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_web_demo_in_a_real_browser_streams_the_greedy_answer(server, reference, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from mmpeft.data import load_audio, load_image
+
+    image, clip = png(color=(30, 30, 220)), wav(0.8)
+    (tmp_path / "square.png").write_bytes(image)
+    (tmp_path / "tone.wav").write_bytes(clip)
+    expected, _ = reference(
+        [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": QUESTION}],
+        images=[load_image(image)],
+        audio=[load_audio(clip, 16000)],
+    )
+    driver = browser()
+    try:
+        driver.get(server)
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").text == "tiny")
+        assert "vision: " in driver.find_element(By.ID, "composition").text
+        driver.find_element(By.ID, "key").send_keys(KEY)
+        driver.find_element(By.ID, "image").send_keys(str(tmp_path / "square.png"))
+        driver.find_element(By.ID, "audio").send_keys(str(tmp_path / "tone.wav"))
+        tokens = driver.find_element(By.ID, "max_tokens")
+        tokens.clear()
+        tokens.send_keys("8")
+        driver.find_element(By.ID, "prompt").send_keys(QUESTION)
+        driver.find_element(By.ID, "send").click()
+        answer = WebDriverWait(driver, 120).until(
+            lambda d: (e := d.find_element(By.ID, "answer-0")).get_attribute("data-done") and e
+        )
+        driver.save_screenshot(str(tmp_path / "demo.png"))
+        # textContent: the streamed text exactly as received (Selenium's .text trims and folds whitespace).
+        assert answer.get_attribute("textContent") == expected
+        assert "error" not in answer.get_attribute("class")
+    finally:
+        driver.quit()
+    assert (tmp_path / "demo.png").stat().st_size > 0
