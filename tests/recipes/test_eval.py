@@ -1,6 +1,7 @@
 """recipes/eval.py on each kind of output of recipes/finetune.py (tiny default, a few steps): the same numbers
 and answers as training-time evaluation, the reports, bad samples, W&B, and 2 processes giving 1 process's report."""
 
+import base64
 import glob
 import importlib.util
 import json
@@ -186,3 +187,44 @@ def test_two_processes_give_the_one_process_report(trained, tmp_path):
     for report in (single, double):
         report.pop("seconds")
     assert double == single
+
+
+def as_request(record: dict, folder: str) -> list[dict]:
+    """The OpenAI-style messages of an eval record's prompt: images by path (the server's media_dir), audio as
+    base64 `input_audio`."""
+    messages = []
+    for message in record["messages"][:-1]:
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else []
+        for part in [] if isinstance(content, str) else content:
+            if part["type"] == "image":
+                parts.append({"type": "image_url", "image_url": {"url": part["path"]}})
+            elif part["type"] == "audio":
+                data = base64.b64encode(open(os.path.join(folder, part["path"]), "rb").read()).decode()
+                parts.append({"type": "input_audio", "input_audio": {"data": data, "format": "wav"}})
+            else:
+                parts.append(part)
+        messages.append({"role": message["role"], "content": parts})
+    return messages
+
+
+@pytest.mark.parametrize("kind", ["lora", "full", "qlora", "merged"])
+def test_the_server_answers_as_evaluation_for_every_kind_of_output(kind, trained, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from mmpeft.inference import load_for_inference
+    from mmpeft.serving import ServeSettings, create_app
+
+    output, trainer, data = trained("lora" if kind == "merged" else kind)
+    model_dir = merge_adapter(output, tmp_path / "merged", dtype=torch.float32) if kind == "merged" else output
+    answers = evaluate_generation(trainer.model, trainer.processing_class, trainer.generation_dataset).answers
+    folder = os.path.dirname(data)
+    with open(data) as file:
+        records = [json.loads(line) for line in file][:3]
+    app = create_app(*load_for_inference(model_dir), ServeSettings(model_name=kind, media_dir=folder))
+    with TestClient(app) as client:
+        for record, expected in zip(records, answers):
+            body = {"messages": as_request(record, folder), "temperature": 0, "max_tokens": 32}
+            response = client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["message"]["content"].strip() == expected
