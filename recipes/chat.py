@@ -22,13 +22,8 @@ from collections.abc import Iterator
 import torch
 from transformers import TextIteratorStreamer
 
-from mmpeft.data import BadSampleError, MediaPolicy, MMPeftDataCollator, Record
-from mmpeft.data.dataset import load_item, make_row
 from mmpeft.inference import load_for_inference
-
-
-# Media are the user's own local files: any path on this disk may be read, nothing remote.
-POLICY = MediaPolicy(allow_outside=True)
+from mmpeft.serving import Completion, Engine, RequestError, ServeSettings
 
 
 class ChatError(ValueError):
@@ -45,7 +40,10 @@ class ChatSession:
     def __init__(
         self, model, processor, temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 256, seed=None
     ):
-        self.model, self.processor = model.eval(), processor
+        # Requests are built and generated as the server builds them; media are the user's own files: any local
+        # path may be read (the whole disk is the media folder), nothing remote.
+        settings = ServeSettings(media_dir="/", max_tokens_limit=max_new_tokens, max_audio_seconds=3600.0)
+        self.engine, self.processor = Engine(model, processor, settings), processor
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         if seed is not None:
             torch.manual_seed(seed)
@@ -66,23 +64,20 @@ class ChatSession:
 
     def _attach(self, kind: str, path: str):
         path = os.path.abspath(os.path.expanduser(path))
-        part = {"type": kind, "path": path}
+        part = {"type": kind, kind: path}
         self._inputs([{"role": "user", "content": [part]}], path)  # checked (and decoded) now, not at send
         self.pending.append(part)
 
     def _inputs(self, messages: list[dict], path: str | None = None) -> dict[str, torch.Tensor]:
-        """Model inputs of the generation prompt after `messages`, built as `recipes/eval.py` builds them."""
-        # The data path prepares a sample with its answer: a placeholder answer is added and left out again.
-        record = Record({"messages": [*messages, {"role": "assistant", "content": "."}]}, "chat", None, POLICY)
+        """Model inputs of the generation prompt after `messages`, built as the server (and evaluation) builds them."""
         try:
-            row = make_row(record, self.processor, None, validate_media="decode")
-            item = load_item(row, self.processor, prompt_only=True, media_policy=POLICY)
-        except BadSampleError as error:
-            raise ChatError(
-                error.reason if path is None or path in error.reason else f"{path}: {error.reason}"
-            ) from error
-        batch = MMPeftDataCollator(self.processor.tokenizer.pad_token_id, padding_side="left")([item])
-        return {name: tensor.to(self.model.device) for name, tensor in batch.items()}
+            return self.engine.inputs(self._completion(messages))
+        except RequestError as error:
+            message = str(error)
+            raise ChatError(message if path is None or path in message else f"{path}: {message}") from error
+
+    def _completion(self, messages: list[dict]) -> Completion:
+        return Completion(messages, self.max_new_tokens, self.temperature, self.top_p, [], None, True)
 
     def send(self, text: str) -> Iterator[str]:
         """Send `text` (with the attached media) and return an iterator of the answer's pieces as they are
@@ -92,15 +87,11 @@ class ChatSession:
         inputs = self._inputs([*self.history, message])
         self.pending = []
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        options = dict(inputs, max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0, streamer=streamer)
-        if self.temperature > 0:
-            options.update(temperature=self.temperature, top_p=self.top_p)
         failure = []
 
         def generate():
             try:
-                with torch.inference_mode():
-                    self.model.generate(**options)
+                self.engine.generate(self._completion([*self.history, message]), inputs, streamer)
             except BaseException as error:  # reported by the iterator, in the caller's thread
                 failure.append(error)
                 streamer.end()
