@@ -4,6 +4,9 @@ Each builder returns a config; `*_PREPROCESSORS` give the matching image process
 Tokenizers come from `mmpeft.reference.train_byte_level_tokenizer`, trained in-process.
 """
 
+import struct
+import zlib
+
 from transformers import (
     CLIPVisionConfig,
     Dinov2Config,
@@ -186,3 +189,14 @@ def prepared_examples(records, processor, **settings):
     rows, report = prepare_examples(records, processor, **settings)
     dataset = MMPeftDataset(rows, processor)
     return [dataset.example(index) for index in range(len(rows))], report
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height (8-bit RGB) but whose pixel data stops after a few rows: were
+    it decoded, it would fail as truncated, so a size error proves it was refused from the header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 256))

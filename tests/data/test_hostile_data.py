@@ -5,16 +5,14 @@ RGBA and 1x1 images; 8 / 44.1 / 48 kHz, stereo, 6-channel and silent audio) are 
 import io
 import json
 import re
-import struct
 import tracemalloc
-import zlib
 
 import numpy as np
 import pytest
 import soundfile
 from PIL import Image
 from scipy.signal import resample_poly
-from tiny_parts import SAMPLING_RATE, build, prepared_examples
+from tiny_parts import SAMPLING_RATE, build, png_header_only, prepared_examples
 
 from mmpeft.data import BadSampleError, MMPeftDataset, load_audio, load_image, prepare_examples, read_records
 from mmpeft.data import media as media_module
@@ -38,17 +36,6 @@ def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **kwargs)
     return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header declares width x height (8-bit RGB) but whose pixel data stops after a few rows: were
-    it decoded, it would fail as truncated, so a size error proves it was refused from the header."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 256))
 
 
 def random_image(size=(24, 20)) -> Image.Image:

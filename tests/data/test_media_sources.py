@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile
 from PIL import Image
-from tiny_parts import build
+from tiny_parts import build, png_header_only
 
 from mmpeft.data import BadSampleError, MediaPolicy, MMPeftDataset, Record, prepare_examples, read_records
 from mmpeft.data.dataset import make_row
@@ -152,8 +152,6 @@ def test_a_media_file_removed_during_training_is_skipped_and_named(data, process
 def test_the_sample_budget_is_checked_again_before_decoding_at_load(data, processor):
     # 3 images of 8192 x 8192 (headers only: decoding would fail as truncated) pass preparation unread with
     # validate_media none, and are refused from their headers when loaded, before any pixel is decoded.
-    from test_hostile_data import png_header_only
-
     (data / "data" / "media" / "max.png").write_bytes(png_header_only(8192, 8192))
     path = write_jsonl(data / "data" / "d.jsonl", [sample(*[image("media/max.png")] * 3)])
     rows, report = prepare_examples(read_records(path), processor, validate_media="none")
@@ -215,8 +213,6 @@ class MediaServer(BaseHTTPRequestHandler):
 
     def do_GET(self):
         MediaServer.hits[self.path] = MediaServer.hits.get(self.path, 0) + 1
-        from test_hostile_data import png_header_only
-
         bodies = {"/red.png": png(), "/tone.wav": wav(0.5), "/large.png": png_header_only(9000, 9000)}
         if self.path in bodies:
             self._send(200, bodies[self.path])

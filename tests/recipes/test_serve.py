@@ -7,12 +7,10 @@ import io
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 
 import httpx
 import numpy as np
@@ -21,6 +19,7 @@ import soundfile
 import torch
 from PIL import Image
 from recipe_helpers import REPO, TINY, finetune
+from tiny_parts import png_header_only
 
 from mmpeft.inference import load_for_inference
 
@@ -33,16 +32,6 @@ def png(size=(32, 32), color=(200, 30, 30)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG declaring width x height with almost no pixel data (refused from its header, never decoded)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 256))
 
 
 def wav(seconds: float) -> bytes:
