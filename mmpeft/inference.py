@@ -19,10 +19,10 @@ from transformers import BitsAndBytesConfig
 from .data import MMPeftDataCollator, MMPeftDataset
 from .metrics import compute_metrics
 from .models import MMPeftConfig, MMPeftForConditionalGeneration, MMPeftProcessor
+from .summary import RUN_SUMMARY
 
 
 # Written by recipes/finetune.py next to a QLoRA adapter: the bitsandbytes config its base was trained under.
-RUN_SUMMARY = "run_summary.json"
 
 
 def output_kind(path: str | os.PathLike) -> str:
@@ -44,7 +44,7 @@ def output_kind(path: str | os.PathLike) -> str:
 
 
 def adapter_quantization(adapter_dir: str | os.PathLike) -> BitsAndBytesConfig | None:
-    """The quantization a QLoRA adapter's base was trained under (recorded by recipes/finetune.py), else None."""
+    """The quantization a QLoRA adapter's base was trained under (recorded in the run summary), else None."""
     summary = os.path.join(adapter_dir, RUN_SUMMARY)
     if not os.path.isfile(summary):
         return None

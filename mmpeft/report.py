@@ -7,6 +7,9 @@ import os
 
 import matplotlib
 
+from .summary import RunSummary
+from .tracking import WandbTracking
+
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -41,20 +44,20 @@ def checkpoint_mb(output_dir: str) -> float:
 
 def run_record(output_dir: str, wall_time_s: float) -> dict:
     """The figures of one finished `recipes/finetune.py` run, read from what it wrote to `output_dir`."""
-    summary = json.load(open(os.path.join(output_dir, "run_summary.json")))
+    summary = RunSummary.load(output_dir)
     history = json.load(open(os.path.join(output_dir, "trainer_state.json")))["log_history"]
     accuracies = [entry["eval_accuracy"] for entry in history if "eval_accuracy" in entry]
     throughput = [entry["tokens_per_second"] for entry in history if "tokens_per_second" in entry and "loss" in entry]
     return {
-        "method": summary["method"],
-        "trainable_params": summary["trainable_params"],
-        "trainable_percent": 100 * summary["trainable_fraction"],
-        "peak_memory_mb": summary["peak_memory_mb"],
+        "method": summary.method,
+        "trainable_params": summary.trainable_params,
+        "trainable_percent": 100 * summary.trainable_fraction,
+        "peak_memory_mb": summary.peak_memory_mb,
         "wall_time_s": wall_time_s,
         "tokens_per_second": throughput[-1] if throughput else float("nan"),
-        "samples_per_second": summary["train_samples_per_second"],
-        "final_eval_loss": summary.get("eval_loss", float("nan")),
-        "final_eval_accuracy": summary.get("eval_accuracy", float("nan")),
+        "samples_per_second": summary.train_samples_per_second,
+        "final_eval_loss": summary.metrics.get("eval_loss", float("nan")),
+        "final_eval_accuracy": summary.metrics.get("eval_accuracy", float("nan")),
         "best_eval_accuracy": max(accuracies) if accuracies else float("nan"),
         "checkpoint_mb": checkpoint_mb(output_dir),
         "history": history,
@@ -102,27 +105,17 @@ def log_report_to_wandb(records: list[dict], report: dict, group: str, directory
     under `directory` when offline; returns the run's URL or folder."""
     import wandb
 
-    run = wandb.init(
-        project=os.environ.get("WANDB_PROJECT", "mmpeft"),
-        group=group,
-        name=f"{group}-comparison",
-        job_type="comparison",
-        tags=["comparison"],
-        dir=directory,
-        reinit="finish_previous",
-    )
-    columns = [header for _, header, _ in COLUMNS]
-    rows = [[record[key] for key, _, _ in COLUMNS] for record in records]
-    run.log(
-        {
-            "comparison": wandb.Table(columns=columns, data=rows),
-            **{name.removesuffix(".png"): wandb.Image(path) for name, path in report["plots"].items()},
-        }
-    )
-    location = os.path.dirname(run.dir) if run.settings.mode == "offline" else run.url
-    run.finish()
-    wandb.teardown()
-    return location
+    with WandbTracking(directory, "mmpeft", group=group, tags=["comparison"]) as tracking:
+        run = tracking.init(name=f"{group}-comparison", job_type="comparison")
+        columns = [header for _, header, _ in COLUMNS]
+        rows = [[record[key] for key, _, _ in COLUMNS] for record in records]
+        run.log(
+            {
+                "comparison": wandb.Table(columns=columns, data=rows),
+                **{name.removesuffix(".png"): wandb.Image(path) for name, path in report["plots"].items()},
+            }
+        )
+        return tracking.finish()
 
 
 __all__ = ["log_report_to_wandb", "markdown_table", "run_record", "write_report"]

@@ -15,7 +15,7 @@ reference model's (the processor, not the model, sets the cost of preparing). Fo
 - `make_row` on conversations of 50 to 1,600 turns, and on over-long ones (1,600 turns, one 50 MB line): time and
   Python memory peak (over-long ones are refused before the per-turn work);
 - a cached restart's time to the first training step, and streaming's time to the first training step (each
-  measured from the start of `recipes/finetune.py`'s `main`, in a fresh process, imports excluded);
+  measured from the call of `mmpeft.training.run`, in a fresh process, imports excluded);
 
 and writes `benchmark_data.md` / `.json` into `--output` (default: a temporary folder). `decode` is run at the
 smallest size only unless `--decode-sizes` says otherwise: at 10-30 ms a sample it takes hours at 1M.
@@ -109,16 +109,15 @@ def prepare(manifest: str, cache: str, policy: str, workers: int | None) -> dict
 
 
 CHILD = """
-import json, sys, time
+import json, time
 import psutil
-sys.argv = [sys.argv[0]]
-start_of = {}
-sys.path.insert(0, %(recipes)r)
-import finetune
+from transformers import TrainerCallback
+from mmpeft.training import parse_args, run
 
-class FirstStep(finetune.MMPeftTrainer):
-    def training_step(self, *args, **kwargs):
-        loss = super().training_step(*args, **kwargs)
+start_of = {"main": time.perf_counter()}
+
+class FirstStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
         if "first_step" not in start_of:
             start_of["first_step"] = time.perf_counter() - start_of["main"]
             start_of["rss_mb"] = psutil.Process().memory_info().rss / 2**20
@@ -126,24 +125,21 @@ class FirstStep(finetune.MMPeftTrainer):
             # (shared by every process on the machine, dropped by the kernel under memory pressure).
             status = dict(line.split(":", 1) for line in open("/proc/self/status"))
             start_of["rss_anon_mb"] = int(status["RssAnon"].split()[0]) / 1024
-        return loss
 
-finetune.MMPeftTrainer = FirstStep
-start_of["main"] = time.perf_counter()
-finetune.main(%(args)r)
+run(*parse_args(%(args)r)[:4], callbacks=[FirstStep()])
 print("BENCHMARK " + json.dumps({k: start_of[k] for k in ("first_step", "rss_mb", "rss_anon_mb")}))
 """
 
 
 def first_step(manifest: str, cache: str, output: str, *extra: str) -> dict:
-    """Run the recipe on `manifest` in a fresh process up to its first training step: seconds from `main()` to the
-    end of that step, and the process's resident memory then."""
+    """Train on `manifest` in a fresh process (`mmpeft.training.run`, as the recipe does) up to the end of its first
+    optimizer step: seconds from the call to the end of that step, and the process's resident memory then."""
     args = [
         "--train_data", manifest, "--prepared_data_dir", cache, "--output_dir", output, "--max_steps", "1",
         "--per_device_train_batch_size", "8", "--eval_strategy", "no", "--save_strategy", "no",
         "--report_to", "none", "--disable_tqdm", "true", *extra,
     ]  # fmt: skip
-    code = CHILD % {"recipes": HERE, "args": args}
+    code = CHILD % {"args": args}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
     if result.returncode != 0:
         raise RuntimeError(f"recipe run failed:\n{result.stderr[-3000:]}")

@@ -36,8 +36,8 @@ from transformers import HfArgumentParser
 from mmpeft.data import BadSampleError, MediaError, MMPeftDataset, load_audio, load_image
 from mmpeft.inference import evaluate_generation, load_for_inference, output_kind
 from mmpeft.metrics import METRICS
+from mmpeft.tracking import WandbTracking
 from mmpeft.training import ConfigError, DataArguments, prepare_data
-from mmpeft.training.builders import wandb_logged_in
 
 
 logger = logging.getLogger("mmpeft")
@@ -220,17 +220,18 @@ def write_report(report: dict, output_dir: str, show_samples: int):
 def log_to_wandb(report: dict, dataset: MMPeftDataset, args: EvaluateArguments) -> str:
     """Log the metrics and a `wandb.Table` (image, audio, prompt, prediction, reference per sample) as a run
     under the output folder, offline without an API key; returns the run's URL or folder."""
+    with WandbTracking(args.output_dir, args.wandb_project) as tracking:
+        run = tracking.init(
+            job_type="evaluation", config={"model": report["model"], "data": report["data"], **report["settings"]}
+        )
+        log_table(run, report, dataset, args)
+        return tracking.finish()
+
+
+def log_table(run, report: dict, dataset: MMPeftDataset, args: EvaluateArguments):
+    """The metrics and a `wandb.Table` of the first `wandb_samples` samples, logged to `run`."""
     import wandb
 
-    if "WANDB_MODE" not in os.environ and not wandb_logged_in():
-        os.environ["WANDB_MODE"] = "offline"
-    run = wandb.init(
-        project=os.environ.get("WANDB_PROJECT", args.wandb_project),
-        job_type="evaluation",
-        dir=os.path.abspath(args.output_dir),
-        config={"model": report["model"], "data": report["data"], **report["settings"]},
-        reinit="finish_previous",
-    )
     sampling_rate = dataset.processor.feature_extractor.sampling_rate
     table = wandb.Table(columns=["where", "task", "image", "audio", "prompt", "prediction", "reference"])
     for sample in report["samples"][: args.wandb_samples]:
@@ -245,10 +246,6 @@ def log_to_wandb(report: dict, dataset: MMPeftDataset, args: EvaluateArguments) 
             sample["where"], sample["task"], image, audio, sample["prompt"], sample["prediction"], sample["reference"]
         )
     run.log({**{f"eval/{name}": value for name, value in report["metrics"].items()}, "eval/samples": table})
-    location = os.path.dirname(run.dir) if run.settings.mode == "offline" else run.url
-    run.finish()
-    wandb.teardown()
-    return location
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 for every sample: each is either trained on or skipped for the reason its case calls for.
 
     python recipes/stress.py                                      # ~10 s on a 2-core CPU, in outputs/stress
-    python recipes/stress.py --num_good 200 --per_device_train_batch_size 16   # other flags go to finetune.py
+    python recipes/stress.py --num_good 200 --per_device_train_batch_size 16   # other flags go to the run
 
 The dataset (`<output_dir>/data/stress.jsonl`) holds `num_good` generated samples and one sample of each case
 in `CASES`: truncated PNG / JPEG / FLAC, zero-byte files, directories, escaping and absolute paths, a link out
@@ -11,10 +11,10 @@ declaring 20000x20000 pixels, one at the pixel limit referenced 40 times (over t
 infinite / 0-length / 2-hour audio, invalid UTF-8, malformed and 3000-deep JSON lines, a role given as a list
 (all skipped, each for its own reason) and odd but valid samples -- 16-bit, CMYK, palette, RGBA and 1x1 images;
 8 / 44.1 / 48 kHz, stereo, 6-channel and silent audio; user text with literal `<image>` / `<audio>`; a
-conversation that opens with an assistant turn (all trained on). recipes/finetune.py runs one epoch over it
-with `--on_bad_sample skip`, so every kept sample is trained on once. The run prints samples read, trained on
-and skipped by reason, and exits non-zero unless read == trained on + skipped and every case ended where it
-should.
+conversation that opens with an assistant turn (all trained on). `mmpeft.training.run` (what recipes/finetune.py
+runs) trains one epoch over it with `--on_bad_sample skip`, so every kept sample is trained on once. The run prints
+samples read, trained on and skipped by reason, and exits non-zero unless read == trained on + skipped and every
+case ended where it should.
 """
 
 import argparse
@@ -33,10 +33,7 @@ import soundfile
 from PIL import Image
 
 from mmpeft.data import generate_synthetic_dataset
-
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import finetune  # noqa: E402  (the recipe next to this one)
+from mmpeft.training import configure_logging, parse_args, run
 
 
 KEPT = "trained on"
@@ -264,12 +261,14 @@ def main(argv=None):
     data_path, cases = write_stress_dataset(os.path.join(args.output_dir, "data"), args.num_good, args.long_audio_rate)
 
     run_dir = os.path.join(args.output_dir, "run")
-    trainer = finetune.main(
+    model_args, data_args, tuning_args, training_args, _ = parse_args(
         ["--train_data", data_path, "--on_bad_sample", "skip", "--output_dir", run_dir,
          "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--warmup_steps", "0",
          "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
          *overrides]
     )  # fmt: skip
+    configure_logging(training_args)
+    trainer = run(model_args, data_args, tuning_args, training_args).trainer
     with open(os.path.join(run_dir, "data_report.json")) as handle:
         report = json.load(handle)[data_path]
     trained = list(trainer.train_dataset.rows["where"])

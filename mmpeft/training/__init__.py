@@ -1,4 +1,5 @@
-"""Training: arguments, what to train (full / frozen parts / LoRA), the Trainer, and run setup."""
+"""Training: arguments, what to train (full / frozen parts / LoRA), the Trainer and its callbacks, and `run`, which
+turns the arguments into a trained, saved (and pushed) model."""
 
 from .arguments import (
     ConfigError,
@@ -10,11 +11,17 @@ from .arguments import (
 )
 from .builders import (
     check_streaming,
-    configure_wandb,
     load_datasets,
     load_model,
     prepare_data,
     reference_checkpoint,
+)
+from .callbacks import (
+    EncoderCheckpointingCallback,
+    RunSummaryCallback,
+    StopOnSignalCallback,
+    WandbRunInfoCallback,
+    peak_memory_mb,
 )
 from .checkpoints import (
     CheckpointError,
@@ -27,13 +34,8 @@ from .checkpoints import (
 )
 from .packing import check_padding_free_attention, use_packed_attention
 from .quantization import describe_precision, precision_summary, quantization_config
-from .trainer import (
-    EncoderCheckpointingCallback,
-    MMPeftTrainer,
-    StopOnSignalCallback,
-    WandbRunInfoCallback,
-    peak_memory_mb,
-)
+from .run import Run, RunResult, TrainingStopped, configure_logging, run
+from .trainer import MMPeftTrainer
 from .tuning import count_parameters, describe_trainable, setup_tuning
 
 
@@ -52,7 +54,6 @@ __all__ = [
     "check_padding_free_attention",
     "check_streaming",
     "checkpoint_to_resume",
-    "configure_wandb",
     "count_parameters",
     "describe_precision",
     "describe_trainable",
@@ -67,6 +68,12 @@ __all__ = [
     "quantization_config",
     "reference_checkpoint",
     "remove_incomplete_checkpoints",
+    "Run",
+    "RunResult",
+    "RunSummaryCallback",
+    "TrainingStopped",
+    "configure_logging",
+    "run",
     "run_settings",
     "setup_tuning",
     "use_packed_attention",

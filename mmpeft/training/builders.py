@@ -1,4 +1,4 @@
-"""Building what a run needs from its arguments: the model and processor, the datasets, the W&B setup."""
+"""Building what a run needs from its arguments: the model and processor, the datasets."""
 
 import json
 import logging
@@ -15,7 +15,7 @@ from ..data.streaming import StreamingDataset
 from ..data.synthetic import VERSION as SYNTHETIC_VERSION
 from ..models import MMPeftForConditionalGeneration, MMPeftProcessor
 from ..reference import build_reference_checkpoint
-from .arguments import DataArguments, MMPeftTrainingArguments, ModelArguments, TuningArguments, check_model_path
+from .arguments import DataArguments, MMPeftTrainingArguments, ModelArguments, check_model_path
 
 
 logger = logging.getLogger(__name__)
@@ -187,40 +187,10 @@ def check_streaming(data_args: DataArguments, training_args: MMPeftTrainingArgum
         raise ValueError("streaming: eval_fraction needs the data's size; give eval_data instead.")
 
 
-def configure_wandb(training_args: MMPeftTrainingArguments, tuning_args: TuningArguments) -> None:
-    """Environment for W&B: offline unless an API key is configured (never a prompt or a hang), runs under the
-    output directory, grouped and tagged so that runs to compare sit side by side."""
-    if "wandb" not in training_args.report_to:
-        return
-    if "WANDB_MODE" not in os.environ and not wandb_logged_in():
-        os.environ["WANDB_MODE"] = "offline"
-        logger.info("W&B: no API key configured, logging offline (sync later with `wandb sync`).")
-    # Runs go under their output_dir unless the user chose WANDB_DIR (ours is remembered, so that several runs
-    # in one process -- recipes/compare.py -- each get their own).
-    if os.environ.get("WANDB_DIR") in (None, os.environ.get("MMPEFT_WANDB_DIR")):
-        os.environ["WANDB_DIR"] = os.environ["MMPEFT_WANDB_DIR"] = os.path.abspath(training_args.output_dir)
-    os.makedirs(os.environ["WANDB_DIR"], exist_ok=True)
-    os.environ.setdefault("WANDB_PROJECT", training_args.wandb_project)
-    if training_args.wandb_group:
-        os.environ["WANDB_RUN_GROUP"] = training_args.wandb_group
-    tags = [tuning_args.method, *training_args.wandb_tags]
-    os.environ["WANDB_TAGS"] = ",".join(dict.fromkeys(tags))
-
-
-def wandb_logged_in() -> bool:
-    """Whether a W&B API key is configured (environment or ~/.netrc): runs go online, else offline."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
-    return os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read()
-
-
 __all__ = [
     "check_streaming",
-    "configure_wandb",
     "load_datasets",
     "load_model",
     "prepare_data",
     "reference_checkpoint",
-    "wandb_logged_in",
 ]

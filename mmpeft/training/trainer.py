@@ -6,19 +6,12 @@ known lengths, logits only where a loss needs them, and packed attention for pad
 
 import os
 import re
-import resource
-import signal
-import sys
-import threading
-import time
 
-import psutil
-import torch
 import torch.nn.functional as F
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -26,6 +19,7 @@ from ..data import MMPeftDataset
 from ..data.dataset import IGNORE_INDEX, SkipReport
 from ..data.streaming import StreamingDataset
 from ..inference import evaluate_generation
+from .callbacks import DataClock, PeakMemory, StopOnSignalCallback
 from .checkpoints import clear_disk_full_error, mark_complete, unmark
 from .packing import check_padding_free_attention, use_packed_attention
 from .tuning import PART_MODULES
@@ -33,72 +27,6 @@ from .tuning import PART_MODULES
 
 # Parameters of the encoders, whatever wraps the model (PEFT, DDP).
 ENCODER_PARAMETER = re.compile(rf"(^|\.)({'|'.join(PART_MODULES['vision'] + PART_MODULES['audio'])})\.")
-
-
-class PeakMemory:
-    """Peak memory since `start()`: accelerator memory where there is one, else this process's resident set
-    size sampled every 20 ms (the OS's own peak counter cannot be reset, so runs made one after another in one
-    process would all report the first one's peak)."""
-
-    def __init__(self):
-        self._peak, self._stop = 0, threading.Event()
-
-    def start(self):
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-            return
-        process = psutil.Process()
-        self._peak = process.memory_info().rss
-
-        def sample():
-            while not self._stop.wait(0.02):
-                self._peak = max(self._peak, process.memory_info().rss)
-
-        threading.Thread(target=sample, daemon=True).start()
-
-    def stop(self):
-        self._stop.set()
-
-    @property
-    def mb(self) -> float:
-        if torch.cuda.is_available():
-            return torch.cuda.max_memory_allocated() / 2**20
-        return max(self._peak, psutil.Process().memory_info().rss) / 2**20
-
-
-def peak_memory_mb() -> float:
-    """Peak memory over this process's life: accelerator memory where there is one, else resident set size."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kilobytes / (2**20 if sys.platform == "darwin" else 2**10)  # macOS reports bytes
-
-
-class DataClock:
-    """Wall time and tokens since this process's first training batch (so a resumed run counts only its own
-    work), and the part of that time spent waiting for the next batch."""
-
-    def __init__(self, tokens_seen: int):
-        self.start, self.tokens_at_start, self.waited = time.perf_counter(), tokens_seen, 0.0
-
-    def timed(self, iterator):
-        """`iterator`, with the time each `next()` takes added to `waited`."""
-        while True:
-            start = time.perf_counter()
-            try:
-                item = next(iterator)
-            except StopIteration:
-                return
-            finally:
-                self.waited += time.perf_counter() - start
-            yield item
-
-    def rates(self, tokens_seen: int) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.start
-        return {
-            "tokens_per_second": round((tokens_seen - self.tokens_at_start) / elapsed, 1),
-            "data_wait_fraction": round(self.waited / elapsed, 4),
-        }
 
 
 def logits_for_labels_only(inputs: dict) -> dict:
@@ -151,20 +79,19 @@ class MMPeftTrainer(Trainer):
         self.load_report = SkipReport()
         self.generation_metric_names = list(generation_metrics)
         self.generation_max_new_tokens = generation_max_new_tokens
-        self.data_clock = None
-        self.peak_memory = PeakMemory()
+        self.peak_memory, self.data_clock = PeakMemory(), DataClock()
+        self.add_callback(self.peak_memory)
+        self.add_callback(self.data_clock)
         if getattr(self.data_collator, "padding_free", False):
             use_packed_attention(self.model)
             check_padding_free_attention(self.model)
 
     def train(self, *args, **kwargs):
-        self.data_clock = None
-        self.peak_memory.start()
         try:
             return super().train(*args, **kwargs)
         finally:
-            self.peak_memory.stop()
-            self.stop_on_signal.restore()  # also when training raised
+            self.peak_memory.stop()  # also when training raised
+            self.stop_on_signal.restore()
 
     def _save_checkpoint(self, model, trial):
         """Trainer's checkpoint, marked complete (with the run's settings) once every process has written its part;
@@ -270,12 +197,11 @@ class MMPeftTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Trainer's batch fetching, timed: `data_wait_fraction` in the logs is the share of training time spent
         waiting for batches (loading, decoding, featurizing, collating)."""
-        if self.data_clock is None:
-            self.data_clock = DataClock(self.state.num_input_tokens_seen)
-        return super().get_batch_samples(self.data_clock.timed(epoch_iterator), num_batches, device)
+        timed = self.data_clock.timed(epoch_iterator, self.state.num_input_tokens_seen)
+        return super().get_batch_samples(timed, num_batches, device)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self.data_clock is not None and "loss" in logs:  # training logs
+        if "loss" in logs:  # training logs
             logs.update(self.data_clock.rates(self.state.num_input_tokens_seen))
         logs["peak_memory_mb"] = round(self.peak_memory.mb, 1)
         super().log(logs, *args, **kwargs)
@@ -309,74 +235,4 @@ class MMPeftTrainer(Trainer):
         return results.scores
 
 
-class StopOnSignalCallback(TrainerCallback):
-    """Stops training cleanly on SIGINT (Ctrl-C) or SIGTERM (schedulers, preemption): the step under way finishes,
-    a complete checkpoint is saved, training stops (`MMPeftTrainer.stop_signal` says why). A second signal acts as
-    it would without this callback. With several processes, a signal received by any of them stops all of them at
-    the same step (one all-reduce of a flag per step), so that they save together.
-
-    transformers' own `enable_jit_checkpoint` handles SIGTERM only, and saves in the middle of a step."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
-        self.received = None
-        self._previous = {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.received = None
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set signal handlers
-            self._previous = {number: signal.signal(number, self._receive) for number in self.SIGNALS}
-
-    def _receive(self, number, frame):
-        self.received = number
-        self.restore()
-
-    def restore(self):
-        """Put back the signal handlers there were before training."""
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous = {}
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.accelerator.num_processes > 1:
-            flag = torch.tensor(self.received or 0, device=self.accelerator.device)
-            self.received = int(self.accelerator.reduce(flag, reduction="max")) or None
-        if self.received is not None:
-            control.should_save = control.should_training_stop = True
-
-
-class EncoderCheckpointingCallback(TrainerCallback):
-    """Turns gradient checkpointing back off inside the encoders once the Trainer has enabled it model-wide
-    (non-reentrant, transformers' default), leaving it on for the LM."""
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        for tower in (base.vision_tower, base.audio_tower):
-            for module in tower.modules() if tower is not None else ():
-                if getattr(module, "gradient_checkpointing", False):
-                    module.gradient_checkpointing = False
-
-
-class WandbRunInfoCallback(TrainerCallback):
-    """Adds mmpeft's settings and parameter counts to the W&B run config once the run exists."""
-
-    def __init__(self, info: dict):
-        self.info = info
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        import wandb
-
-        if state.is_world_process_zero and wandb.run is not None:
-            wandb.run.config.update(self.info, allow_val_change=True)
-
-
-__all__ = [
-    "EncoderCheckpointingCallback",
-    "MMPeftTrainer",
-    "StopOnSignalCallback",
-    "WandbRunInfoCallback",
-    "logits_for_labels_only",
-    "peak_memory_mb",
-]
+__all__ = ["MMPeftTrainer", "logits_for_labels_only"]

@@ -173,6 +173,15 @@ def test_auto_resume_into_the_folder_of_a_run_with_other_settings_is_refused(tmp
     assert checkpoint_to_resume(str(output), None, True, settings_of()) == checkpoint
 
 
+def test_a_resumed_run_says_where_it_resumes_from(tmp_path, uninterrupted):
+    output = copy_of(uninterrupted, tmp_path)
+    checkpoint = output / "checkpoint-20"
+    resume = [*command(output), "--resume_from_checkpoint", str(checkpoint)]
+    result = subprocess.run(resume, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming from {checkpoint} (step 20 of 24)" in result.stderr
+
+
 def test_resuming_a_checkpoint_of_another_method_names_both_methods(tmp_path, uninterrupted):
     with pytest.raises(CheckpointError, match="method: 'lora' in the checkpoint, 'full' now"):
         checkpoint_to_resume(str(uninterrupted), None, True, settings_of("--method", "full"))

@@ -1,0 +1,235 @@
+"""Callbacks of an mmpeft run: what `MMPeftTrainer` measures (peak memory, throughput and data wait), a clean stop on
+SIGINT / SIGTERM, gradient checkpointing kept out of the encoders, mmpeft's settings in the W&B run, and the run
+summary (`run_summary.json`)."""
+
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+
+import psutil
+import torch
+from transformers import TrainerCallback
+
+from ..summary import RunSummary
+
+
+logger = logging.getLogger("mmpeft")
+
+
+class PeakMemory(TrainerCallback):
+    """Peak memory while training: accelerator memory where there is one, else this process's resident set size
+    sampled every 20 ms (the OS's own peak counter cannot be reset, so runs made one after another in one process
+    would all report the first one's peak)."""
+
+    def __init__(self):
+        self._peak, self._stop = 0, threading.Event()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.stop()
+
+    def start(self):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return
+        process, stop = psutil.Process(), threading.Event()  # one event per start: `train()` may run again
+        self._peak, self._stop = process.memory_info().rss, stop
+
+        def sample():
+            while not stop.wait(0.02):
+                self._peak = max(self._peak, process.memory_info().rss)
+
+        threading.Thread(target=sample, daemon=True).start()
+
+    def stop(self):
+        self._stop.set()
+
+    @property
+    def mb(self) -> float:
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+        return max(self._peak, psutil.Process().memory_info().rss) / 2**20
+
+
+def peak_memory_mb() -> float:
+    """Peak memory over this process's life: accelerator memory where there is one, else resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kilobytes / (2**20 if sys.platform == "darwin" else 2**10)  # macOS reports bytes
+
+
+class DataClock(TrainerCallback):
+    """Wall time and tokens since this process's first training batch (so a resumed run counts only its own
+    work), and the part of that time spent waiting for the next batch: `MMPeftTrainer` fetches its batches
+    through `timed` and adds `rates` to its training logs."""
+
+    def __init__(self):
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = None  # started by the first batch
+
+    def timed(self, iterator, tokens_seen: int):
+        """`iterator`, with the time each `next()` takes added to `waited`; the first call starts the clock."""
+        if self.start is None:
+            self.start, self.tokens_at_start, self.waited = time.perf_counter(), tokens_seen, 0.0
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - start
+            yield item
+
+    def rates(self, tokens_seen: int) -> dict[str, float]:
+        """`tokens_per_second` and `data_wait_fraction` so far; empty before the first batch."""
+        if self.start is None:
+            return {}
+        elapsed = time.perf_counter() - self.start
+        return {
+            "tokens_per_second": round((tokens_seen - self.tokens_at_start) / elapsed, 1),
+            "data_wait_fraction": round(self.waited / elapsed, 4),
+        }
+
+
+class StopOnSignalCallback(TrainerCallback):
+    """Stops training cleanly on SIGINT (Ctrl-C) or SIGTERM (schedulers, preemption): the step under way finishes,
+    a complete checkpoint is saved, training stops (`MMPeftTrainer.stop_signal` says why). A second signal acts as
+    it would without this callback. With several processes, a signal received by any of them stops all of them at
+    the same step (one all-reduce of a flag per step), so that they save together.
+
+    transformers' own `enable_jit_checkpoint` handles SIGTERM only, and saves in the middle of a step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.received = None
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.received = None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set signal handlers
+            self._previous = {number: signal.signal(number, self._receive) for number in self.SIGNALS}
+
+    def _receive(self, number, frame):
+        self.received = number
+        self.restore()
+
+    def restore(self):
+        """Put back the signal handlers there were before training."""
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(self.received or 0, device=self.accelerator.device)
+            self.received = int(self.accelerator.reduce(flag, reduction="max")) or None
+        if self.received is not None:
+            control.should_save = control.should_training_stop = True
+
+
+class EncoderCheckpointingCallback(TrainerCallback):
+    """Turns gradient checkpointing back off inside the encoders once the Trainer has enabled it model-wide
+    (non-reentrant, transformers' default), leaving it on for the LM."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for tower in (base.vision_tower, base.audio_tower):
+            for module in tower.modules() if tower is not None else ():
+                if getattr(module, "gradient_checkpointing", False):
+                    module.gradient_checkpointing = False
+
+
+class WandbRunInfoCallback(TrainerCallback):
+    """Adds mmpeft's settings and parameter counts to the W&B run config once the run exists."""
+
+    def __init__(self, info: dict):
+        self.info = info
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import wandb
+
+        if state.is_world_process_zero and wandb.run is not None:
+            wandb.run.config.update(self.info, allow_val_change=True)
+
+
+class LogResume(TrainerCallback):
+    """Says in the log that a run resumes, and where: `Resuming from <checkpoint> (step N of M)`."""
+
+    def __init__(self, checkpoint: str | None):
+        self.checkpoint = checkpoint
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.checkpoint and state.is_world_process_zero:  # the state is the checkpoint's by now
+            logger.info(f"Resuming from {self.checkpoint} (step {state.global_step} of {state.max_steps})")
+
+
+class RunSummaryCallback(TrainerCallback):
+    """Writes the run's `RunSummary` to `run_summary.json` in the output folder (main process): when training ends,
+    with the training figures, and again after each evaluation that follows (the final metrics). A run stopped by a
+    signal (`stop`) writes none: it is not finished.
+
+    Args:
+        summary: the run's summary with what is known up front (method, parameter counts, hyperparameters ...);
+            the callback fills in the rest.
+        peak_memory, data_clock: the trainer's meters.
+        stop: the trainer's `StopOnSignalCallback`.
+    """
+
+    TRAIN_FIGURES = ("train_runtime", "train_samples_per_second")
+
+    def __init__(
+        self, summary: RunSummary, peak_memory: PeakMemory, data_clock: DataClock, stop: StopOnSignalCallback
+    ):
+        self.summary, self.peak_memory, self.data_clock, self.stop = summary, peak_memory, data_clock, stop
+        self.trained = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trained = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for name in self.TRAIN_FIGURES:
+            if name in (logs or {}):
+                setattr(self.summary, name, logs[name])
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.stop.received is not None:
+            return
+        self.trained = True
+        self.summary.peak_memory_mb = round(self.peak_memory.mb, 1)
+        for name, value in self.data_clock.rates(state.num_input_tokens_seen).items():
+            setattr(self.summary, name, value)
+        self._save(args, state)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.trained:
+            self.summary.metrics.update(metrics or {})
+            self._save(args, state)
+
+    def _save(self, args, state):
+        if state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            self.summary.save(args.output_dir)
+
+
+__all__ = [
+    "DataClock",
+    "EncoderCheckpointingCallback",
+    "LogResume",
+    "PeakMemory",
+    "RunSummaryCallback",
+    "StopOnSignalCallback",
+    "WandbRunInfoCallback",
+    "peak_memory_mb",
+]
