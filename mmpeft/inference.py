@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import BitsAndBytesConfig
 
 from .data import MMPeftDataCollator, MMPeftDataset
+from .data.dataset import take_load_reports
 from .metrics import compute_metrics
 from .models import MMPeftConfig, MMPeftForConditionalGeneration, MMPeftProcessor
 from .summary import RUN_SUMMARY
@@ -121,7 +122,7 @@ def generate_answers(
     )
     answers, failed = [], []
     for batch in tqdm(loader, desc="Generating", disable=not progress, leave=False):
-        failed += [sample["index"] for sample in batch.pop("skipped_samples", ())]
+        failed += [sample["index"] for sample in take_load_reports(batch)]
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         new_tokens = output[:, batch["input_ids"].shape[1] :]

@@ -56,11 +56,18 @@ def _hide_token_in_command_line():
             sys.argv[index] = "<hidden>"
 
 
+def error_line(error: Exception) -> str:
+    """The one line a user error ends the recipe with."""
+    if isinstance(error, BadSampleError):
+        return f"mmpeft: bad sample: {error} (on_bad_sample: skip skips and counts bad samples instead)"
+    return f"mmpeft: {error}"
+
+
 if __name__ == "__main__":
     try:
         main()
     except USER_ERRORS as error:
-        sys.exit(f"mmpeft: {error}")
+        sys.exit(error_line(error))
     except TrainingStopped as stop:
         print(f"mmpeft: {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)

@@ -44,6 +44,9 @@ class MMPeftDataCollator:
             raise ValueError("padding_free batches are for training; left padding is for batched generation.")
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        for item in items:
+            if "bad_sample" in item:  # raised by the consumer of the batch (`take_load_reports`)
+                return {"bad_sample": item["bad_sample"]}
         lengths = [len(item["input_ids"]) for item in items]
         if self.max_length is not None and max(lengths) > self.max_length:
             index = max(range(len(items)), key=lengths.__getitem__)

@@ -24,6 +24,7 @@ import numpy as np
 import soundfile
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 from tqdm.auto import tqdm
 from transformers.utils.chat_template_utils import _get_control_token_patterns, mark_control_tokens
 
@@ -621,6 +622,28 @@ def prompt_media(row: dict, processor) -> tuple[int, int]:
 MAX_CONSECUTIVE_LOAD_FAILURES = 100
 
 
+def bad_sample_item(error: BadSampleError) -> dict:
+    """Raise `error` in the main process; in a DataLoader worker, an item that carries it to the main process
+    instead (`take_load_reports` raises it there): a worker's exception would reach the main process only as a
+    traceback in a string, and end the run with that rather than with the error's one line."""
+    if get_worker_info() is None:
+        raise error
+    return {"bad_sample": error}
+
+
+def raise_bad_sample(batch: dict) -> dict:
+    """`batch`, unless it carries the `BadSampleError` of a sample that failed to load under `on_bad_sample: error`
+    (`bad_sample_item`): then that is raised."""
+    if "bad_sample" in batch:
+        raise batch["bad_sample"]
+    return batch
+
+
+def take_load_reports(batch: dict) -> list[dict]:
+    """Remove and return the batch's `skipped_samples` (those `MMPeftDataset` replaced), after `raise_bad_sample`."""
+    return raise_bad_sample(batch).pop("skipped_samples", [])
+
+
 class MMPeftDataset(torch.utils.data.Dataset):
     """Prepared rows as model inputs; media are loaded and featurized here (so in DataLoader workers).
 
@@ -683,7 +706,7 @@ class MMPeftDataset(torch.utils.data.Dataset):
                 item = load_item(row, self.processor, self.mode == "generate", self.media_policy)
             except BadSampleError as error:
                 if self.on_bad_sample == "error":
-                    raise
+                    return bad_sample_item(error)
                 skipped.append(
                     {"index": (index + attempt) % len(self.rows), "where": error.where, "reason": error.key}
                 )
@@ -753,11 +776,14 @@ __all__ = [
     "ROW_FEATURES",
     "SkipReport",
     "VALIDATE_MEDIA",
+    "bad_sample_item",
     "expand_row",
     "load_item",
     "make_row",
     "prepare_examples",
     "prompt_media",
+    "raise_bad_sample",
+    "take_load_reports",
     "prepare_row",
     "tokenize_conversation",
 ]

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from .dataset import SkipReport, load_item, prepare_row
+from .dataset import SkipReport, bad_sample_item, load_item, prepare_row
 from .formats import BadSampleError, read_records
 from .sources import MediaPolicy
 
@@ -110,7 +110,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             item = load_item(row, self.processor, media_policy=self.media_policy)
         except BadSampleError as error:
             if self.on_bad_sample == "error":
-                raise
+                return bad_sample_item(error)
             pending.append({"where": error.where, "reason": error.key})
             return None
         if pending:

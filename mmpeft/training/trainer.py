@@ -16,7 +16,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..data import MMPeftDataset
-from ..data.dataset import IGNORE_INDEX, SkipReport
+from ..data.dataset import IGNORE_INDEX, SkipReport, raise_bad_sample, take_load_reports
 from ..data.streaming import StreamingDataset
 from ..inference import evaluate_generation
 from .callbacks import DataClock, PeakMemory, StopOnSignalCallback
@@ -170,8 +170,9 @@ class MMPeftTrainer(Trainer):
         )
 
     def _prepare_inputs(self, inputs):
-        """Trainer's device placement, after counting the samples the batch's dataset replaced."""
-        for sample in inputs.pop("skipped_samples", ()):
+        """Trainer's device placement, after counting the samples the batch's dataset replaced (or raising the bad
+        sample it carries)."""
+        for sample in take_load_reports(inputs):
             self.load_report.add(sample["reason"], sample["where"])
         return super()._prepare_inputs(inputs)
 
@@ -198,7 +199,8 @@ class MMPeftTrainer(Trainer):
         """Trainer's batch fetching, timed: `data_wait_fraction` in the logs is the share of training time spent
         waiting for batches (loading, decoding, featurizing, collating)."""
         timed = self.data_clock.timed(epoch_iterator, self.state.num_input_tokens_seen)
-        return super().get_batch_samples(timed, num_batches, device)
+        # A bad sample is raised as it arrives: the Trainer reads `labels` of every batch it fetched before training.
+        return super().get_batch_samples(map(raise_bad_sample, timed), num_batches, device)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:  # training logs

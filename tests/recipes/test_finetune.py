@@ -265,3 +265,28 @@ def test_padding_free_batches_and_loader_workers_train_as_the_default(tmp_path):
     summary = json.loads((tmp_path / "packed" / "run_summary.json").read_text())
     assert 0 < summary["data_wait_fraction"] < 1
     assert all(0 < entry["data_wait_fraction"] < 1 for entry in packed.state.log_history if "loss" in entry)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--validate_media", "none", "--dataloader_num_workers", "2"]],
+    ids=["found while preparing", "found while loading, in a DataLoader worker"],
+)
+def test_a_bad_sample_under_on_bad_sample_error_ends_the_recipe_in_one_line(tmp_path, options):
+    sample = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    lines = [json.dumps(sample)] * 12
+    bad = {"role": "user", "content": [{"type": "image", "path": "missing.png"}, {"type": "text", "text": "What?"}]}
+    lines[4] = json.dumps({"messages": [bad, {"role": "assistant", "content": "A circle"}]})
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    command = [
+        sys.executable, os.path.join(REPO, "recipes", "finetune.py"), *TINY, "--train_data", str(data),
+        "--on_bad_sample", "error", "--output_dir", str(tmp_path / "out"), "--report_to", "none", *options,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == (
+        f"mmpeft: bad sample: {data}:5: field 'messages[0].content[0]': file not found: {tmp_path / 'missing.png'} "
+        "(on_bad_sample: skip skips and counts bad samples instead)"
+    )
