@@ -7,8 +7,12 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The reference checkpoint and the synthetic dataset are built into a fresh cache, never the user's.
+# The reference checkpoint and the synthetic dataset are built into a fresh cache, never the user's; nor do the
+# user's own W&B folder, project or HF cache reach the tests (tests/test_hermetic.py runs tests with them set).
 os.environ["MMPEFT_CACHE"] = tempfile.mkdtemp(prefix="mmpeft-test-cache-")
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mmpeft-test-hf-home-")
+for name in ("WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_TAGS", "HF_DATASETS_CACHE", "HF_HUB_CACHE"):
+    os.environ.pop(name, None)
 sys.path.insert(0, os.path.dirname(__file__))  # tiny_parts
 
 import pytest  # noqa: E402
