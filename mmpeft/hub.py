@@ -3,7 +3,8 @@ leave the local output intact and say how to retry.
 
 What is pushed: full weights for full / freeze runs; the LoRA adapter (with the fully trained modules such as
 the projectors) and a note of its base for LoRA / QLoRA runs, or with `merge=True` the adapter merged into a
-16-bit base. Always the processor, the model code needed for `trust_remote_code`, and a model card.
+16-bit base. Always the processor, the model code needed for `trust_remote_code`, and a model card rendered from
+the template shipped in the package (`templates/model_card.md`, or one of your own).
 """
 
 import json
@@ -15,7 +16,9 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from .models import MMPeftConfig
 
 
-MODEL_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+CARD_TEMPLATE = os.path.join(PACKAGE_DIR, "templates", "model_card.md")
+MODEL_CODE_DIR = os.path.join(PACKAGE_DIR, "models")
 MODEL_CODE = ("configuration_mmpeft.py", "modeling_mmpeft.py", "processing_mmpeft.py")
 # Never uploaded: resumable state, trackers' folders, training_args.bin (a pickle that can hold a token), the lock.
 IGNORE_PATTERNS = [
@@ -83,9 +86,16 @@ def _usage(repo_id: str, adapter: bool, base: str) -> str:
     )
 
 
-def model_card(folder: str, repo_id: str, template: str, comparison: str | None = None, license: str = "apache-2.0"):
+def model_card(
+    folder: str,
+    repo_id: str,
+    template: str | None = None,
+    comparison: str | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
     """The `ModelCard` of the output in `folder`: metadata, composition, method and hyperparameters, eval
-    metrics, the comparison table when given, and a usage snippet for plain transformers."""
+    metrics, the comparison table when given, and a usage snippet for plain transformers. `template` is a Jinja
+    model-card template; by default the one shipped in the package."""
     adapter_file = os.path.join(folder, "adapter_config.json")
     adapter = json.load(open(adapter_file)) if os.path.exists(adapter_file) else None
     base = adapter["base_model_name_or_path"] if adapter else None
@@ -107,7 +117,7 @@ def model_card(folder: str, repo_id: str, template: str, comparison: str | None 
     trainable = summary.get("trainable_params")
     return ModelCard.from_template(
         card_data,
-        template_path=template,
+        template_path=template or CARD_TEMPLATE,
         model_name=repo_id.split("/")[-1],
         composition_sentence=", ".join(f"{p['role']} {p['model']}" for p in parts) + ", joined by projectors.",
         parts=parts,
@@ -127,13 +137,14 @@ def push_output(
     output_dir: str,
     repo_id: str,
     *,
-    template: str,
+    template: str | None = None,
     private: bool = False,
     token: str | None = None,
     merge: bool = False,
     comparison: str | None = None,
 ) -> str:
-    """Push a `recipes/finetune.py` output to `repo_id` and return the repository URL.
+    """Push a `recipes/finetune.py` output to `repo_id` and return the repository URL. `template`: as in
+    `model_card`.
 
     Everything is written locally first (the merged checkpoint in `<output_dir>-merged`, the model card as
     `README.md`); a failed push raises `PushError` and leaves those files as they are, to retry with

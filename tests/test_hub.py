@@ -1,8 +1,9 @@
 """Publishing with the real `huggingface_hub` client against a loopback Hub server (tests/hub_server.py):
-push from the recipe and from recipes/push.py, load back from that server in a Python without mmpeft, and
-the failure cases (server down, HTTP 401 / 500 on commit)."""
+push from the recipe, from recipes/push.py and from a non-editable install, load back from that server in a
+Python without mmpeft, and the failure cases (server down, HTTP 401 / 500 on commit)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -159,3 +160,28 @@ def test_failed_push_is_fast_clear_and_leaves_output_intact(failure, hub, tmp_pa
     assert TOKEN not in result.stderr + result.stdout
     after = {name: os.path.getsize(output / name) for name in os.listdir(output) if name != "README.md"}
     assert after == before  # only the model card was added, locally, before the push
+
+
+def test_non_editable_install_pushes_a_card_from_its_packaged_template(hub, tmp_path, reference_dir):
+    # Built from a copy of the sources (pip builds in the source tree), with a marker in the packaged template.
+    source = tmp_path / "source"
+    shutil.copytree(os.path.join(REPO, "mmpeft"), source / "mmpeft", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(REPO, name), source)
+    marker = "Rendered from the template in the installed package."
+    with open(source / "mmpeft" / "templates" / "model_card.md", "a") as template:
+        template.write(f"\n{marker}\n")
+    site = tmp_path / "site"
+    result, _ = run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                     "--no-index", "--target", str(site), str(source)], os.environ, tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    output = tmp_path / "out"
+    shutil.copytree(reference_dir, output)
+    push = "import sys, mmpeft.hub; print(mmpeft.hub.__file__); mmpeft.hub.push_output(sys.argv[1], 'alice/installed')"
+    env = {**hub_env(hub, tmp_path), "PYTHONPATH": str(site)}  # cwd tmp_path: no repository around
+    result, _ = run([sys.executable, "-c", push, str(output)], env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(str(site / "mmpeft" / "hub.py"))
+    card = hub.files("alice/installed")["README.md"].decode()
+    assert marker in card and "| language model |" in card and "library_name: transformers" in card
