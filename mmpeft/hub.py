@@ -4,14 +4,16 @@ leave the local output intact and say how to retry.
 What is pushed: full weights for full / freeze runs; the LoRA adapter (with the fully trained modules such as
 the projectors) and a note of its base for LoRA / QLoRA runs, or with `merge=True` the adapter merged into a
 16-bit base. Always the processor, the model code needed for `trust_remote_code`, and a model card rendered from
-the template shipped in the package (`templates/model_card.md`, or one of your own).
+the template shipped in the package (`templates/model_card.md`, or one of your own). A push only reads the
+output folder: the card and the model code it lacks go into the commit from memory and from the package.
 """
 
 import json
 import os
 import shutil
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from .models import MMPeftConfig
 
@@ -133,6 +135,23 @@ def model_card(
     )
 
 
+def _commit_operations(folder: str, card: ModelCard) -> list[CommitOperationAdd]:
+    """What a push of `folder` commits: its files less `IGNORE_PATTERNS`, the model code it lacks (adapters hold
+    none) from the package, and `card` as `README.md` in place of any README.md of its own. `folder` is only read,
+    so a failed push leaves it exactly as it was."""
+    files = [
+        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+        for root, _, names in os.walk(folder)
+        for name in names
+    ]
+    files = sorted(filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS))
+    operations = [CommitOperationAdd(file, os.path.join(folder, file)) for file in files if file != "README.md"]
+    operations += [
+        CommitOperationAdd(name, os.path.join(MODEL_CODE_DIR, name)) for name in MODEL_CODE if name not in files
+    ]
+    return [*operations, CommitOperationAdd("README.md", str(card).encode())]
+
+
 def push_output(
     output_dir: str,
     repo_id: str,
@@ -146,9 +165,10 @@ def push_output(
     """Push a `recipes/finetune.py` output to `repo_id` and return the repository URL. `template`: as in
     `model_card`.
 
-    Everything is written locally first (the merged checkpoint in `<output_dir>-merged`, the model card as
-    `README.md`); a failed push raises `PushError` and leaves those files as they are, to retry with
-    `recipes/push.py`. The token is only handed to the Hub client.
+    `output_dir` is only read: the model card and the model code go into the commit, never into the folder, and
+    with `merge` the merged checkpoint is written to a new folder, `<output_dir>-merged`, first. A failed push
+    raises `PushError` and leaves every local file as it was, to retry with `recipes/push.py`. The token is only
+    handed to the Hub client.
     """
     folder = output_dir
     adapter = os.path.exists(os.path.join(output_dir, "adapter_config.json"))
@@ -159,25 +179,19 @@ def push_output(
         for name in ("run_summary.json", "eval_results.json"):
             if os.path.exists(os.path.join(output_dir, name)):
                 shutil.copy(os.path.join(output_dir, name), folder)
-    for name in MODEL_CODE:  # adapters hold no model code of their own
-        if not os.path.exists(os.path.join(folder, name)):
-            shutil.copy(os.path.join(MODEL_CODE_DIR, name), folder)
-    model_card(folder, repo_id, template, comparison).save(os.path.join(folder, "README.md"))
+    operations = _commit_operations(folder, model_card(folder, repo_id, template, comparison))
 
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            ignore_patterns=IGNORE_PATTERNS,
-            commit_message="Upload model trained with mmpeft",
-        )
+        api.create_commit(repo_id, operations, commit_message="Upload model trained with mmpeft")
     except Exception as error:  # network, HTTP and authentication errors all end the same way
         reason = (str(error).replace(token, "<token>") if token else str(error)) or type(error).__name__
         raise PushError(
             f"Pushing {folder} to the Hub repository {repo_id} failed: {reason.splitlines()[0]}\n"
-            f"The local output in {folder} is complete and untouched; retry with:\n"
+            f"The local output in {output_dir} is complete and untouched"
+            + (f" (merged weights in {folder})" if folder != output_dir else "")
+            + "; retry with:\n"
             f"    python recipes/push.py {output_dir} {repo_id}{' --merge' if merge else ''}"
         ) from None
     return str(url)

@@ -2,12 +2,14 @@
 push from the recipe, from recipes/push.py and from a non-editable install, load back from that server in a
 Python without mmpeft, and the failure cases (server down, HTTP 401 / 500 on commit)."""
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from tiny_parts import media
 
 from mmpeft import MMPeftForConditionalGeneration, MMPeftProcessor
 from mmpeft.data import MMPeftDataCollator, MMPeftDataset
+from mmpeft.training import TuningArguments, setup_tuning
 
 
 TOKEN = "hf_secret_test_token_123"
@@ -61,6 +64,12 @@ LOAD_WITHOUT_MMPEFT = textwrap.dedent(
 )
 
 
+def snapshot(folder) -> dict[str, str]:
+    """The sha256 of every file under `folder`, by path: equal snapshots, byte-identical folders."""
+    files = [path for path in Path(folder).rglob("*") if path.is_file()]
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
+
+
 def logits_batch(output_dir, examples):
     processor = MMPeftProcessor.from_pretrained(output_dir)
     dataset = MMPeftDataset(examples, processor)
@@ -80,9 +89,12 @@ def assert_loads_without_mmpeft(hub, tmp_path, repo_id, batch, expected):
 def test_push_full_output_with_card_and_load_it_back_without_mmpeft(hub, tmp_path):
     output = tmp_path / "full"
     trainer = finetune.main([*TINY, "--method", "full", "--output_dir", str(output), "--report_to", "none"])
+    (output / "README.md").write_text("My notes on this run.\n")
+    before = snapshot(output)
     result, seconds = run([sys.executable, os.path.join(REPO, "recipes", "push.py"), str(output), "alice/tiny-full"],
                           hub_env(hub, tmp_path), tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert snapshot(output) == before  # the card went into the commit, in place of the folder's own README.md
     files = hub.files("alice/tiny-full")
     assert {"model.safetensors", "config.json", "modeling_mmpeft.py", "configuration_mmpeft.py",
             "processing_mmpeft.py", "processor_config.json", "tokenizer.json", "README.md"} <= set(files)  # fmt: skip
@@ -122,11 +134,15 @@ def test_recipe_pushes_lora_adapter_then_merged_and_never_leaks_the_token(hub, t
     for root, _, names in os.walk(output):
         for name in names:
             assert TOKEN.encode() not in open(os.path.join(root, name), "rb").read(), name
+    # The card and the model code went into the commit only (the README.md in the output is PEFT's own).
+    assert "modeling_mmpeft.py" not in os.listdir(output) and (output / "README.md").read_bytes() != files["README.md"]
 
     # recipes/push.py --merge: a plain 16-bit checkpoint that loads without PEFT or mmpeft.
+    before = snapshot(output)
     result, _ = run([sys.executable, os.path.join(REPO, "recipes", "push.py"), str(output), "alice/tiny-merged",
                      "--merge"], hub_env(hub, tmp_path), tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert snapshot(output) == before  # merged into a new folder, <output>-merged
     merged_files = hub.files("alice/tiny-merged")
     assert "model.safetensors" in merged_files and "adapter_config.json" not in merged_files
     merged_dir = str(output) + "-merged"
@@ -138,12 +154,18 @@ def test_recipe_pushes_lora_adapter_then_merged_and_never_leaks_the_token(hub, t
     assert_loads_without_mmpeft(hub, tmp_path, "alice/tiny-merged", batch, expected)
 
 
-@pytest.mark.parametrize("failure", ["server down", "401 on commit", "500 on commit"])
-def test_failed_push_is_fast_clear_and_leaves_output_intact(failure, hub, tmp_path, reference_dir):
+@pytest.mark.parametrize(
+    "failure, kind",
+    [("server down", "full"), ("401 on commit", "full"), ("500 on commit", "full"), ("401 on commit", "lora")],
+)
+def test_failed_push_is_fast_clear_and_leaves_output_byte_identical(failure, kind, hub, tmp_path, reference_dir):
     output = tmp_path / "out"
-    MMPeftForConditionalGeneration.from_pretrained(reference_dir).save_pretrained(output)
+    model = MMPeftForConditionalGeneration.from_pretrained(reference_dir)
+    # A LoRA output as finetune.py saves it: no model code of its own, which the push adds to the commit.
+    (setup_tuning(model, TuningArguments()) if kind == "lora" else model).save_pretrained(output)
     MMPeftProcessor.from_pretrained(reference_dir).save_pretrained(output)
-    before = {name: os.path.getsize(output / name) for name in os.listdir(output)}
+    (output / "README.md").write_text("My notes on this run.\n")
+    before = snapshot(output)
     env = hub_env(hub, tmp_path)
     if failure == "server down":
         env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there
@@ -158,8 +180,7 @@ def test_failed_push_is_fast_clear_and_leaves_output_intact(failure, hub, tmp_pa
     assert "Pushing" in result.stderr and "failed" in result.stderr and "retry with" in result.stderr
     assert f"python recipes/push.py {output} alice/x" in result.stderr
     assert TOKEN not in result.stderr + result.stdout
-    after = {name: os.path.getsize(output / name) for name in os.listdir(output) if name != "README.md"}
-    assert after == before  # only the model card was added, locally, before the push
+    assert snapshot(output) == before  # the same files, byte for byte: not even the model card was written
 
 
 def test_non_editable_install_pushes_a_card_from_its_packaged_template(hub, tmp_path, reference_dir):
