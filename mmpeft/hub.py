@@ -45,6 +45,22 @@ def _hub_id(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
+def _source(name_or_path: str | None, model_type: str | None = None) -> dict:
+    """Where a model came from, for the card: `hub_id` for a Hub repository (the only kind the Hub accepts as
+    `base_model`), `local` for a local folder, named by its basename (its full path means nothing to a reader and
+    may name the user's home), neither when none is recorded (a part initialised from scratch); and `model`, how
+    the card's body names it."""
+    hub_id = _hub_id(name_or_path)
+    local = None if hub_id or not name_or_path else os.path.basename(os.path.normpath(name_or_path))
+    if hub_id:
+        model = f"`{hub_id}`"
+    elif local:
+        model = f"local folder `{local}` ({f'{model_type}, ' if model_type else ''}not on the Hub)"
+    else:
+        model = f"{model_type} (random init)"
+    return {"hub_id": hub_id, "local": local, "model": model}
+
+
 def _composition(config: MMPeftConfig) -> list[dict]:
     parts = []
     if config.vision_config is not None:
@@ -60,18 +76,31 @@ def _composition(config: MMPeftConfig) -> list[dict]:
         {"role": "language model", "config": text, "details": f"{text.num_hidden_layers} layers x {text.hidden_size}"}
     )
     for part in parts:
-        name = part["config"]._name_or_path
-        part["model"] = f"`{name}`" if _hub_id(name) else f"{part['config'].model_type} (random init / local)"
-        part["hub_id"] = _hub_id(name)
+        part.update(_source(part["config"]._name_or_path, part["config"].model_type))
     return parts
 
 
-def _usage(repo_id: str, adapter: bool, base: str) -> str:
-    if adapter:
+def _bases_sentence(hub_ids: list[str], local: list[str]) -> str:
+    """The card body's line on what the model is built on: Hub repositories, then local folders, said to be off
+    the Hub, or that there is none."""
+    named = [f"`{name}`" for name in hub_ids]
+    if local:
+        folders = ", ".join(f"`{name}`" for name in local)
+        named.append(f"local folder{'s' if len(local) > 1 else ''} {folders} (not on the Hub)")
+    if not named:
+        return "Base model: none, the parts were initialised from scratch"
+    return f"Base model{'s' if len(hub_ids) + len(local) > 1 else ''}: {'; '.join(named)}"
+
+
+def _usage(repo_id: str, base: dict | None) -> str:
+    """The usage snippet: the model from `repo_id`, or the adapter there on `base` (a `_source`) when given."""
+    if base:
+        where = "" if base["hub_id"] else "  # a local folder, not on the Hub: the path of your copy"
         return (
             "from peft import PeftModel\n"
             "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
-            f'base = AutoModelForImageTextToText.from_pretrained("{base}", trust_remote_code=True)\n'
+            f'base = AutoModelForImageTextToText.from_pretrained("{base["hub_id"] or base["local"]}", '
+            f"trust_remote_code=True){where}\n"
             f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
             f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)'
         )
@@ -97,21 +126,29 @@ def model_card(
 ) -> ModelCard:
     """The `ModelCard` of the output in `folder`: metadata, composition, method and hyperparameters, eval
     metrics, the comparison table when given, and a usage snippet for plain transformers. `template` is a Jinja
-    model-card template; by default the one shipped in the package."""
+    model-card template; by default the one shipped in the package.
+
+    The base (an adapter's base; otherwise the pretrained parts) is named in the body wherever it is. In the
+    metadata, `base_model` lists Hub repositories only (the Hub checks them) and `base_model_local` the names of
+    local folders, which the Hub keeps as they are."""
     adapter_file = os.path.join(folder, "adapter_config.json")
     adapter = json.load(open(adapter_file)) if os.path.exists(adapter_file) else None
-    base = adapter["base_model_name_or_path"] if adapter else None
-    config = MMPeftConfig.from_pretrained(base if adapter else folder)
+    base = _source(adapter["base_model_name_or_path"]) if adapter else None
+    config = MMPeftConfig.from_pretrained(adapter["base_model_name_or_path"] if adapter else folder)
     summary_file = os.path.join(folder, "run_summary.json")
     summary = json.load(open(summary_file)) if os.path.exists(summary_file) else {}
     parts = _composition(config)
     metrics = {k: round(v, 4) for k, v in summary.items() if k.startswith("eval_") and isinstance(v, (int, float))}
     method = summary.get("method", "lora" if adapter else "full")
-    base_models = [_hub_id(base)] if adapter and _hub_id(base) else [p["hub_id"] for p in parts if p["hub_id"]]
+    # A base on the Hub stands for its parts; a local one is named together with the parts it is made of.
+    bases = [base] if base and base["hub_id"] else [*([base] if base else []), *parts]
+    hub_ids = list(dict.fromkeys(b["hub_id"] for b in bases if b["hub_id"]))
+    local = list(dict.fromkeys(b["local"] for b in bases if b["local"]))
     card_data = ModelCardData(
         license=license,
         library_name="peft" if adapter else "transformers",
-        base_model=base_models or None,
+        base_model=hub_ids or None,
+        base_model_local=local or None,
         tags=["mmpeft", "multimodal", "image-text-to-text", "audio-text-to-text", method],
         datasets=[d for d in summary.get("datasets", []) if _hub_id(d)] or None,
         pipeline_tag="image-text-to-text",
@@ -123,15 +160,16 @@ def model_card(
         model_name=repo_id.split("/")[-1],
         composition_sentence=", ".join(f"{p['role']} {p['model']}" for p in parts) + ", joined by projectors.",
         parts=parts,
+        bases_sentence=_bases_sentence(hub_ids, local),
         method=method,
         adapter=bool(adapter),
         adapter_modules=", ".join(adapter.get("modules_to_save") or []) if adapter else "",
-        base_model=base,
+        base_model=base["model"] if base else None,
         trainable=f"{trainable:,} ({100 * summary['trainable_fraction']:.2f} %)" if trainable else "n/a",
         hyperparameters=summary.get("hyperparameters", {}),
         metrics=metrics,
         comparison=comparison,
-        usage=_usage(repo_id, bool(adapter), base),
+        usage=_usage(repo_id, base),
     )
 
 

@@ -3,6 +3,7 @@ push from the recipe, from recipes/push.py and from a non-editable install, load
 Python without mmpeft, and the failure cases (server down, HTTP 401 / 500 on commit)."""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +20,8 @@ from tiny_parts import media
 
 from mmpeft import MMPeftForConditionalGeneration, MMPeftProcessor
 from mmpeft.data import MMPeftDataCollator, MMPeftDataset
+from mmpeft.hub import model_card
+from mmpeft.models import MMPeftConfig
 from mmpeft.training import TuningArguments, setup_tuning
 
 
@@ -106,6 +109,8 @@ def test_push_full_output_with_card_and_load_it_back_without_mmpeft(hub, tmp_pat
         and "pipeline_tag: image-text-to-text" in card
     )
     assert "Method: **full**" in card and "| language model |" in card and "eval_accuracy" in card
+    assert "| language model | llama (random init) |" in card
+    assert "Base model: none, the parts were initialised from scratch" in card and "base_model" not in card
     assert 'AutoModelForImageTextToText.from_pretrained("alice/tiny-full", trust_remote_code=True)' in card
 
     # From the same server, in a Python where mmpeft cannot be imported: identical outputs.
@@ -128,6 +133,9 @@ def test_recipe_pushes_lora_adapter_then_merged_and_never_leaks_the_token(hub, t
             "README.md"} <= set(files)  # fmt: skip
     card = files["README.md"].decode()
     assert "library_name: peft" in card and "Method: **lora**" in card and "vision_projector" in card
+    # Its base, the reference checkpoint in the cache, is named by its folder's name only, not its path.
+    assert "base: local folder `tiny-omni-v1` (not on the Hub)" in card and "base_model_local:\n- tiny-omni-v1" in card
+    assert os.environ["MMPEFT_CACHE"] not in card
     # The token is in no log, card, saved argument or W&B record.
     for text in [result.stdout, result.stderr, *(data.decode(errors="ignore") for data in files.values())]:
         assert TOKEN not in text
@@ -206,3 +214,44 @@ def test_non_editable_install_pushes_a_card_from_its_packaged_template(hub, tmp_
     assert result.stdout.startswith(str(site / "mmpeft" / "hub.py"))
     card = hub.files("alice/installed")["README.md"].decode()
     assert marker in card and "| language model |" in card and "library_name: transformers" in card
+
+
+@pytest.fixture
+def composed_output(parts, tmp_path):
+    """A full output composed from local parts (tests/conftest.py `parts`): folders `clip`, `whisper` and `lm`."""
+    root, _ = parts
+    model, _ = MMPeftForConditionalGeneration.from_pretrained_parts(
+        text=root / "lm", vision=root / "clip", audio=root / "whisper"
+    )
+    model.save_pretrained(tmp_path / "composed")
+    return tmp_path / "composed", root
+
+
+def test_card_of_a_model_composed_from_local_parts_names_them_off_the_hub(composed_output):
+    output, root = composed_output
+    card = model_card(str(output), "alice/local")
+    assert card.data.base_model is None  # the Hub accepts Hub repositories only
+    assert card.data.base_model_local == ["clip", "whisper", "lm"]
+    assert "Base models: local folders `clip`, `whisper`, `lm` (not on the Hub)" in card.text
+    assert "| language model | local folder `lm` (qwen2, not on the Hub) |" in card.text
+    assert "| audio encoder | local folder `whisper` (whisper, not on the Hub) |" in card.text
+    assert str(root) not in str(card)  # folders are named, their paths (the user's home, ...) are not
+
+
+def test_card_of_an_adapter_on_a_local_base_names_the_base_and_its_hub_parts(composed_output, tmp_path):
+    output, _ = composed_output
+    config = MMPeftConfig.from_pretrained(output)
+    config.text_config._name_or_path = "Qwen/Qwen2.5-0.5B-Instruct"  # as if composed from the Hub's LM
+    config.save_pretrained(output)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": str(output), "modules_to_save": ["vision_projector"]})
+    )
+    card = model_card(str(adapter), "alice/adapter")
+    assert card.data.base_model == ["Qwen/Qwen2.5-0.5B-Instruct"] and card.data.library_name == "peft"
+    assert card.data.base_model_local == ["composed", "clip", "whisper"]
+    named = "Base models: `Qwen/Qwen2.5-0.5B-Instruct`; local folders `composed`, `clip`, `whisper` (not on the Hub)"
+    assert named in card.text
+    assert "vision_projector; base: local folder `composed` (not on the Hub))" in card.text
+    assert 'from_pretrained("composed", trust_remote_code=True)  # a local folder, not on the Hub' in card.text
