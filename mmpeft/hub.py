@@ -3,19 +3,24 @@ leave the local output intact and say how to retry.
 
 What is pushed: full weights for full / freeze runs; the LoRA adapter (with the fully trained modules such as
 the projectors) and a note of its base for LoRA / QLoRA runs, or with `merge=True` the adapter merged into a
-16-bit base. Always the processor, the model code needed for `trust_remote_code`, and a model card.
+16-bit base. Always the processor, the model code needed for `trust_remote_code`, and a model card rendered from
+the template shipped in the package (`templates/model_card.md`, or one of your own). A push only reads the
+output folder: the card and the model code it lacks go into the commit from memory and from the package.
 """
 
 import json
 import os
 import shutil
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from .models import MMPeftConfig
 
 
-MODEL_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+CARD_TEMPLATE = os.path.join(PACKAGE_DIR, "templates", "model_card.md")
+MODEL_CODE_DIR = os.path.join(PACKAGE_DIR, "models")
 MODEL_CODE = ("configuration_mmpeft.py", "modeling_mmpeft.py", "processing_mmpeft.py")
 # Never uploaded: resumable state, trackers' folders, training_args.bin (a pickle that can hold a token), the lock.
 IGNORE_PATTERNS = [
@@ -40,6 +45,22 @@ def _hub_id(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
+def _source(name_or_path: str | None, model_type: str | None = None) -> dict:
+    """Where a model came from, for the card: `hub_id` for a Hub repository (the only kind the Hub accepts as
+    `base_model`), `local` for a local folder, named by its basename (its full path means nothing to a reader and
+    may name the user's home), neither when none is recorded (a part initialised from scratch); and `model`, how
+    the card's body names it."""
+    hub_id = _hub_id(name_or_path)
+    local = None if hub_id or not name_or_path else os.path.basename(os.path.normpath(name_or_path))
+    if hub_id:
+        model = f"`{hub_id}`"
+    elif local:
+        model = f"local folder `{local}` ({f'{model_type}, ' if model_type else ''}not on the Hub)"
+    else:
+        model = f"{model_type} (random init)"
+    return {"hub_id": hub_id, "local": local, "model": model}
+
+
 def _composition(config: MMPeftConfig) -> list[dict]:
     parts = []
     if config.vision_config is not None:
@@ -55,18 +76,31 @@ def _composition(config: MMPeftConfig) -> list[dict]:
         {"role": "language model", "config": text, "details": f"{text.num_hidden_layers} layers x {text.hidden_size}"}
     )
     for part in parts:
-        name = part["config"]._name_or_path
-        part["model"] = f"`{name}`" if _hub_id(name) else f"{part['config'].model_type} (random init / local)"
-        part["hub_id"] = _hub_id(name)
+        part.update(_source(part["config"]._name_or_path, part["config"].model_type))
     return parts
 
 
-def _usage(repo_id: str, adapter: bool, base: str) -> str:
-    if adapter:
+def _bases_sentence(hub_ids: list[str], local: list[str]) -> str:
+    """The card body's line on what the model is built on: Hub repositories, then local folders, said to be off
+    the Hub, or that there is none."""
+    named = [f"`{name}`" for name in hub_ids]
+    if local:
+        folders = ", ".join(f"`{name}`" for name in local)
+        named.append(f"local folder{'s' if len(local) > 1 else ''} {folders} (not on the Hub)")
+    if not named:
+        return "Base model: none, the parts were initialised from scratch"
+    return f"Base model{'s' if len(hub_ids) + len(local) > 1 else ''}: {'; '.join(named)}"
+
+
+def _usage(repo_id: str, base: dict | None) -> str:
+    """The usage snippet: the model from `repo_id`, or the adapter there on `base` (a `_source`) when given."""
+    if base:
+        where = "" if base["hub_id"] else "  # a local folder, not on the Hub: the path of your copy"
         return (
             "from peft import PeftModel\n"
             "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
-            f'base = AutoModelForImageTextToText.from_pretrained("{base}", trust_remote_code=True)\n'
+            f'base = AutoModelForImageTextToText.from_pretrained("{base["hub_id"] or base["local"]}", '
+            f"trust_remote_code=True){where}\n"
             f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
             f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)'
         )
@@ -83,23 +117,38 @@ def _usage(repo_id: str, adapter: bool, base: str) -> str:
     )
 
 
-def model_card(folder: str, repo_id: str, template: str, comparison: str | None = None, license: str = "apache-2.0"):
+def model_card(
+    folder: str,
+    repo_id: str,
+    template: str | None = None,
+    comparison: str | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
     """The `ModelCard` of the output in `folder`: metadata, composition, method and hyperparameters, eval
-    metrics, the comparison table when given, and a usage snippet for plain transformers."""
+    metrics, the comparison table when given, and a usage snippet for plain transformers. `template` is a Jinja
+    model-card template; by default the one shipped in the package.
+
+    The base (an adapter's base; otherwise the pretrained parts) is named in the body wherever it is. In the
+    metadata, `base_model` lists Hub repositories only (the Hub checks them) and `base_model_local` the names of
+    local folders, which the Hub keeps as they are."""
     adapter_file = os.path.join(folder, "adapter_config.json")
     adapter = json.load(open(adapter_file)) if os.path.exists(adapter_file) else None
-    base = adapter["base_model_name_or_path"] if adapter else None
-    config = MMPeftConfig.from_pretrained(base if adapter else folder)
+    base = _source(adapter["base_model_name_or_path"]) if adapter else None
+    config = MMPeftConfig.from_pretrained(adapter["base_model_name_or_path"] if adapter else folder)
     summary_file = os.path.join(folder, "run_summary.json")
     summary = json.load(open(summary_file)) if os.path.exists(summary_file) else {}
     parts = _composition(config)
     metrics = {k: round(v, 4) for k, v in summary.items() if k.startswith("eval_") and isinstance(v, (int, float))}
     method = summary.get("method", "lora" if adapter else "full")
-    base_models = [_hub_id(base)] if adapter and _hub_id(base) else [p["hub_id"] for p in parts if p["hub_id"]]
+    # A base on the Hub stands for its parts; a local one is named together with the parts it is made of.
+    bases = [base] if base and base["hub_id"] else [*([base] if base else []), *parts]
+    hub_ids = list(dict.fromkeys(b["hub_id"] for b in bases if b["hub_id"]))
+    local = list(dict.fromkeys(b["local"] for b in bases if b["local"]))
     card_data = ModelCardData(
         license=license,
         library_name="peft" if adapter else "transformers",
-        base_model=base_models or None,
+        base_model=hub_ids or None,
+        base_model_local=local or None,
         tags=["mmpeft", "multimodal", "image-text-to-text", "audio-text-to-text", method],
         datasets=[d for d in summary.get("datasets", []) if _hub_id(d)] or None,
         pipeline_tag="image-text-to-text",
@@ -107,37 +156,57 @@ def model_card(folder: str, repo_id: str, template: str, comparison: str | None 
     trainable = summary.get("trainable_params")
     return ModelCard.from_template(
         card_data,
-        template_path=template,
+        template_path=template or CARD_TEMPLATE,
         model_name=repo_id.split("/")[-1],
         composition_sentence=", ".join(f"{p['role']} {p['model']}" for p in parts) + ", joined by projectors.",
         parts=parts,
+        bases_sentence=_bases_sentence(hub_ids, local),
         method=method,
         adapter=bool(adapter),
         adapter_modules=", ".join(adapter.get("modules_to_save") or []) if adapter else "",
-        base_model=base,
+        base_model=base["model"] if base else None,
         trainable=f"{trainable:,} ({100 * summary['trainable_fraction']:.2f} %)" if trainable else "n/a",
         hyperparameters=summary.get("hyperparameters", {}),
         metrics=metrics,
         comparison=comparison,
-        usage=_usage(repo_id, bool(adapter), base),
+        usage=_usage(repo_id, base),
     )
+
+
+def _commit_operations(folder: str, card: ModelCard) -> list[CommitOperationAdd]:
+    """What a push of `folder` commits: its files less `IGNORE_PATTERNS`, the model code it lacks (adapters hold
+    none) from the package, and `card` as `README.md` in place of any README.md of its own. `folder` is only read,
+    so a failed push leaves it exactly as it was."""
+    files = [
+        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+        for root, _, names in os.walk(folder)
+        for name in names
+    ]
+    files = sorted(filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS))
+    operations = [CommitOperationAdd(file, os.path.join(folder, file)) for file in files if file != "README.md"]
+    operations += [
+        CommitOperationAdd(name, os.path.join(MODEL_CODE_DIR, name)) for name in MODEL_CODE if name not in files
+    ]
+    return [*operations, CommitOperationAdd("README.md", str(card).encode())]
 
 
 def push_output(
     output_dir: str,
     repo_id: str,
     *,
-    template: str,
+    template: str | None = None,
     private: bool = False,
     token: str | None = None,
     merge: bool = False,
     comparison: str | None = None,
 ) -> str:
-    """Push a `recipes/finetune.py` output to `repo_id` and return the repository URL.
+    """Push a `recipes/finetune.py` output to `repo_id` and return the repository URL. `template`: as in
+    `model_card`.
 
-    Everything is written locally first (the merged checkpoint in `<output_dir>-merged`, the model card as
-    `README.md`); a failed push raises `PushError` and leaves those files as they are, to retry with
-    `recipes/push.py`. The token is only handed to the Hub client.
+    `output_dir` is only read: the model card and the model code go into the commit, never into the folder, and
+    with `merge` the merged checkpoint is written to a new folder, `<output_dir>-merged`, first. A failed push
+    raises `PushError` and leaves every local file as it was, to retry with `recipes/push.py`. The token is only
+    handed to the Hub client.
     """
     folder = output_dir
     adapter = os.path.exists(os.path.join(output_dir, "adapter_config.json"))
@@ -148,25 +217,19 @@ def push_output(
         for name in ("run_summary.json", "eval_results.json"):
             if os.path.exists(os.path.join(output_dir, name)):
                 shutil.copy(os.path.join(output_dir, name), folder)
-    for name in MODEL_CODE:  # adapters hold no model code of their own
-        if not os.path.exists(os.path.join(folder, name)):
-            shutil.copy(os.path.join(MODEL_CODE_DIR, name), folder)
-    model_card(folder, repo_id, template, comparison).save(os.path.join(folder, "README.md"))
+    operations = _commit_operations(folder, model_card(folder, repo_id, template, comparison))
 
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            ignore_patterns=IGNORE_PATTERNS,
-            commit_message="Upload model trained with mmpeft",
-        )
+        api.create_commit(repo_id, operations, commit_message="Upload model trained with mmpeft")
     except Exception as error:  # network, HTTP and authentication errors all end the same way
         reason = (str(error).replace(token, "<token>") if token else str(error)) or type(error).__name__
         raise PushError(
             f"Pushing {folder} to the Hub repository {repo_id} failed: {reason.splitlines()[0]}\n"
-            f"The local output in {folder} is complete and untouched; retry with:\n"
+            f"The local output in {output_dir} is complete and untouched"
+            + (f" (merged weights in {folder})" if folder != output_dir else "")
+            + "; retry with:\n"
             f"    python recipes/push.py {output_dir} {repo_id}{' --merge' if merge else ''}"
         ) from None
     return str(url)

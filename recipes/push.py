@@ -8,15 +8,9 @@ The token comes from `--token`, `HF_TOKEN` or `huggingface-cli login`; it is nev
 """
 
 import argparse
-import os
 import sys
 
 from mmpeft.hub import PushError, push_output
-
-
-CARD_TEMPLATE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hub", "model_card_template.md"
-)
 
 
 def main(argv=None):
@@ -35,7 +29,6 @@ def main(argv=None):
         url = push_output(
             args.output_dir,
             args.repo_id,
-            template=CARD_TEMPLATE,
             private=args.private,
             token=args.token,
             merge=args.merge,
