@@ -16,6 +16,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from .models import MMPeftConfig
+from .summary import RUN_SUMMARY, RunSummary
 
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -135,11 +136,10 @@ def model_card(
     adapter = json.load(open(adapter_file)) if os.path.exists(adapter_file) else None
     base = _source(adapter["base_model_name_or_path"]) if adapter else None
     config = MMPeftConfig.from_pretrained(adapter["base_model_name_or_path"] if adapter else folder)
-    summary_file = os.path.join(folder, "run_summary.json")
-    summary = json.load(open(summary_file)) if os.path.exists(summary_file) else {}
+    summary = RunSummary.load(folder)  # None for an output trained elsewhere
     parts = _composition(config)
-    metrics = {k: round(v, 4) for k, v in summary.items() if k.startswith("eval_") and isinstance(v, (int, float))}
-    method = summary.get("method", "lora" if adapter else "full")
+    metrics = {k: round(v, 4) for k, v in summary.metrics.items() if k.startswith("eval_")} if summary else {}
+    method = summary.method if summary else "lora" if adapter else "full"
     # A base on the Hub stands for its parts; a local one is named together with the parts it is made of.
     bases = [base] if base and base["hub_id"] else [*([base] if base else []), *parts]
     hub_ids = list(dict.fromkeys(b["hub_id"] for b in bases if b["hub_id"]))
@@ -150,10 +150,9 @@ def model_card(
         base_model=hub_ids or None,
         base_model_local=local or None,
         tags=["mmpeft", "multimodal", "image-text-to-text", "audio-text-to-text", method],
-        datasets=[d for d in summary.get("datasets", []) if _hub_id(d)] or None,
+        datasets=[d for d in summary.datasets if _hub_id(d)] or None if summary else None,
         pipeline_tag="image-text-to-text",
     )
-    trainable = summary.get("trainable_params")
     return ModelCard.from_template(
         card_data,
         template_path=template or CARD_TEMPLATE,
@@ -165,8 +164,8 @@ def model_card(
         adapter=bool(adapter),
         adapter_modules=", ".join(adapter.get("modules_to_save") or []) if adapter else "",
         base_model=base["model"] if base else None,
-        trainable=f"{trainable:,} ({100 * summary['trainable_fraction']:.2f} %)" if trainable else "n/a",
-        hyperparameters=summary.get("hyperparameters", {}),
+        trainable=f"{summary.trainable_params:,} ({100 * summary.trainable_fraction:.2f} %)" if summary else "n/a",
+        hyperparameters=summary.hyperparameters if summary else {},
         metrics=metrics,
         comparison=comparison,
         usage=_usage(repo_id, base),
@@ -214,7 +213,7 @@ def push_output(
         from .training.export import merge_adapter
 
         folder = merge_adapter(output_dir, output_dir.rstrip("/") + "-merged")
-        for name in ("run_summary.json", "eval_results.json"):
+        for name in (RUN_SUMMARY, "eval_results.json"):
             if os.path.exists(os.path.join(output_dir, name)):
                 shutil.copy(os.path.join(output_dir, name), folder)
     operations = _commit_operations(folder, model_card(folder, repo_id, template, comparison))

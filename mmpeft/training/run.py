@@ -49,9 +49,6 @@ HYPERPARAMETERS = (
 )
 SHOWN_METRICS = ("eval_accuracy", "eval_loss", "eval_wer", "eval_bleu")  # in the run's last line
 LORA_HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout")
-CARD_TEMPLATE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "hub", "model_card_template.md"
-)
 
 
 class TrainingStopped(Exception):
@@ -250,7 +247,6 @@ class Run:
             result.hub_url = push_output(
                 args.output_dir,
                 args.hub_model_id,
-                template=CARD_TEMPLATE,
                 private=bool(args.hub_private_repo),
                 token=self.hub_token,
             )
