@@ -1,7 +1,8 @@
 """The mmpeft omni model: a vision encoder and an audio encoder in front of a causal LM.
 
-Read top to bottom: token-reduction helpers, the projector, the model (towers -> features -> scatter into
-the placeholder positions of the LM's input embeddings -> LM).
+Read top to bottom: building and loading the towers (as the encoder registries of `configuration_mmpeft.py`
+say), token-reduction helpers, the projector, the model (towers -> features -> scatter into the placeholder
+positions of the LM's input embeddings -> LM).
 
 This file is copied next to saved checkpoints for `trust_remote_code` loading, so it imports only torch,
 transformers and its sibling `configuration_mmpeft.py`.
@@ -9,6 +10,7 @@ transformers and its sibling `configuration_mmpeft.py`.
 
 import importlib
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -25,25 +27,7 @@ from transformers import (
 )
 from transformers.activations import ACT2FN
 
-from .configuration_mmpeft import MMPeftConfig, num_audio_tokens
-
-
-# Audio encoders whose `AutoModel` is more than the encoder (Whisper's is encoder + decoder): the class to
-# build instead, as (module, class name). Everything else is built with `AutoModel.from_config`.
-AUDIO_ENCODER_CLASSES = {
-    "whisper": ("transformers.models.whisper.modeling_whisper", "WhisperEncoder"),
-}
-
-# Parts of vision encoders that only produce outputs mmpeft never reads (pooled output, final norm of
-# `last_hidden_state`, masked-image-modelling token): dropped, so that they hold no memory, are not saved and
-# do not break DDP as unused parameters. mmpeft reads `hidden_states[vision_feature_layer]`.
-VISION_UNUSED_PARTS = {
-    "clip_vision_model": ("post_layernorm",),
-    "siglip_vision_model": ("post_layernorm", "head"),
-    "vit": ("layernorm", "pooler"),
-    "dinov2": ("layernorm", "embeddings.mask_token"),
-    "dinov2_with_registers": ("layernorm", "embeddings.mask_token"),
-}
+from .configuration_mmpeft import EncoderSpec, MMPeftConfig, encoder_spec, num_audio_tokens
 
 
 def _drop_unused_parts(tower: nn.Module, paths: tuple[str, ...]) -> nn.Module:
@@ -59,56 +43,35 @@ def _drop_unused_parts(tower: nn.Module, paths: tuple[str, ...]) -> nn.Module:
     return tower
 
 
-# Shape of a placeholder input for each kind of audio tower input (see `forward`: idle towers).
-DUMMY_AUDIO_SHAPES = {
-    "input_features": lambda config: (1, config.num_mel_bins, 2 * config.max_source_positions),  # one full window
-    "input_values": lambda config: (1, 16000),  # one second of silence
-}
-
-
-def _audio_encoder_class(audio_config) -> type[PreTrainedModel] | None:
-    """The encoder class for `audio_config` from `AUDIO_ENCODER_CLASSES`; `None`: use `AutoModel`."""
-    if audio_config.model_type not in AUDIO_ENCODER_CLASSES:
-        return None
-    module, name = AUDIO_ENCODER_CLASSES[audio_config.model_type]
+def _encoder_class(spec: EncoderSpec) -> type[PreTrainedModel]:
+    module, name = spec.encoder_class
     return getattr(importlib.import_module(module), name)
 
 
-def build_audio_tower(audio_config) -> PreTrainedModel:
-    """The audio encoder for `audio_config`, encoder half only."""
-    encoder_class = _audio_encoder_class(audio_config)
-    return encoder_class(audio_config) if encoder_class else AutoModel.from_config(audio_config)
+def build_tower(config, part: str) -> PreTrainedModel:
+    """The encoder for `config` as its row in the registry of `part` (`"vision"` / `"audio"`) says: the encoder half
+    of encoder-decoders, without the parts mmpeft does not use."""
+    spec = encoder_spec(part, config.model_type)
+    tower = _encoder_class(spec)(config) if spec.encoder_class else AutoModel.from_config(config)
+    return _drop_unused_parts(tower, spec.unused_parts)
 
 
-def build_vision_tower(vision_config) -> PreTrainedModel:
-    """The vision encoder for `vision_config`, without the parts mmpeft does not use."""
-    tower = AutoModel.from_config(vision_config)
-    return _drop_unused_parts(tower, VISION_UNUSED_PARTS.get(vision_config.model_type, ()))
-
-
-def load_vision_tower(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
-    """The pretrained vision encoder of a checkpoint (safetensors weights only); for dual encoders (CLIP, SigLIP)
-    its vision half."""
-    kwargs["trust_remote_code"] = False  # never a checkpoint's own code (nor a "[y/N]" prompt)
-    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-    config = getattr(config, "vision_config", None) or config
-    tower = AutoModel.from_pretrained(name_or_path, config=config, use_safetensors=True, **kwargs)
-    return _drop_unused_parts(tower, VISION_UNUSED_PARTS.get(config.model_type, ()))
-
-
-def load_audio_tower(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
-    """The pretrained audio encoder of a checkpoint (safetensors weights only); for encoder-decoders (Whisper) its
+def load_tower(name_or_path: str | os.PathLike, part: str, **kwargs) -> PreTrainedModel:
+    """The pretrained `part` (`"vision"` / `"audio"`) encoder of a checkpoint (safetensors weights only), as
+    `build_tower` builds it: for dual encoders (CLIP, SigLIP) its `part` half, for encoder-decoders (Whisper) its
     encoder half."""
     kwargs["trust_remote_code"] = False  # never a checkpoint's own code (nor a "[y/N]" prompt)
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-    config = getattr(config, "audio_config", None) or config
-    encoder_class = _audio_encoder_class(config)
-    if encoder_class is None:
-        return AutoModel.from_pretrained(name_or_path, config=config, use_safetensors=True, **kwargs)
-    # Full-model checkpoints (Whisper) store the encoder under `model.encoder.`.
-    return encoder_class.from_pretrained(
-        name_or_path, config=config, key_mapping={r"^model\.encoder\.": ""}, use_safetensors=True, **kwargs
-    )
+    config = getattr(config, f"{part}_config", None) or config
+    spec = encoder_spec(part, config.model_type)
+    if spec.encoder_class is None:
+        tower = AutoModel.from_pretrained(name_or_path, config=config, use_safetensors=True, **kwargs)
+    else:  # a full-model checkpoint stores the encoder under `encoder_prefix`
+        key_mapping = {f"^{re.escape(spec.encoder_prefix)}": ""} if spec.encoder_prefix else None
+        tower = _encoder_class(spec).from_pretrained(
+            name_or_path, config=config, key_mapping=key_mapping, use_safetensors=True, **kwargs
+        )
+    return _drop_unused_parts(tower, spec.unused_parts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,10 +173,10 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         self.vision_tower = self.vision_projector = None
         self.audio_tower = self.audio_projector = None
         if config.vision_config is not None:
-            self.vision_tower = build_vision_tower(config.vision_config)
+            self.vision_tower = build_tower(config.vision_config, "vision")
             self.vision_projector = self._build_vision_projector()
         if config.audio_config is not None:
-            self.audio_tower = build_audio_tower(config.audio_config)
+            self.audio_tower = build_tower(config.audio_config, "audio")
             self.audio_projector = self._build_audio_projector()
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
@@ -278,8 +241,8 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             language_model.resize_token_embeddings(len(tokenizer))
 
         towers = {
-            "vision_tower": load_vision_tower(vision, dtype=dtype) if vision else None,
-            "audio_tower": load_audio_tower(audio, dtype=dtype) if audio else None,
+            "vision_tower": load_tower(vision, "vision", dtype=dtype) if vision else None,
+            "audio_tower": load_tower(audio, "audio", dtype=dtype) if audio else None,
         }
         config = MMPeftConfig(
             text_config=language_model.config,
@@ -435,7 +398,8 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         if modality == "image":
             config = self.config.vision_config
             return (like.new_zeros(1, config.num_channels, config.image_size, config.image_size),)
-        shape = DUMMY_AUDIO_SHAPES[self.audio_tower.main_input_name](self.config.audio_config)
+        config = self.config.audio_config
+        shape = encoder_spec("audio", config.model_type).dummy_input_shape(config)
         return like.new_zeros(shape), torch.ones(shape[0], shape[-1], dtype=torch.long, device=like.device)
 
     def forward(

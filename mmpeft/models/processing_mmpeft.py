@@ -14,7 +14,7 @@ import numpy as np
 from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
 from transformers.processing_utils import ProcessorMixin
 
-from .configuration_mmpeft import num_audio_tokens
+from .configuration_mmpeft import AUDIO_MASK_NAMES, num_audio_tokens
 
 
 # Turn markers of the default chat template; `from_pretrained_parts` adds them to tokenizers that lack them.
@@ -83,9 +83,6 @@ def rendering_time_limit(conversations: int = 1):
     limit = CHAT_TEMPLATE_TIME_LIMIT
     return time_limit(limit * conversations, f"chat template: rendering took over {limit:g} s")
 
-
-# Name of the padding mask the model takes next to each kind of audio input.
-AUDIO_MASK_NAMES = {"input_features": "feature_attention_mask", "input_values": "input_values_mask"}
 
 # Valid positions in the padding mask a feature extractor returns for a chunk of `n` samples, by extractor class:
 # what counting a clip's tokens needs, without computing its features (log-mel featurizing a chunk only to count
