@@ -11,6 +11,8 @@ transformers and its sibling `configuration_mmpeft.py`.
 import importlib
 import os
 import re
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -113,11 +115,18 @@ def stack_frames(features: torch.Tensor, factor: int) -> torch.Tensor:
     return features.reshape(num_clips, -1, dim * factor)
 
 
-# name -> (function, how much wider a token gets)
+class TokenReduction(NamedTuple):
+    """A way to shorten a tower's token sequence before projection, by an integer `factor`."""
+
+    reduce: Callable[[torch.Tensor, int], torch.Tensor]  # (features, factor) -> fewer tokens
+    widen: Callable[[int], int]  # factor -> how many times wider a token gets
+
+
+# By `vision_token_reduction`.
 VISION_TOKEN_REDUCTIONS = {
-    "none": (lambda features, factor: features, lambda factor: 1),
-    "avg_pool": (avg_pool, lambda factor: 1),
-    "pixel_shuffle": (pixel_shuffle, lambda factor: factor * factor),
+    "none": TokenReduction(reduce=lambda features, factor: features, widen=lambda factor: 1),
+    "avg_pool": TokenReduction(reduce=avg_pool, widen=lambda factor: 1),
+    "pixel_shuffle": TokenReduction(reduce=pixel_shuffle, widen=lambda factor: factor * factor),
 }
 
 
@@ -294,7 +303,7 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
 
     def _build_vision_projector(self) -> MMPeftProjector:
         config = self.config
-        widen = VISION_TOKEN_REDUCTIONS[config.vision_token_reduction][1](config.vision_reduction_factor)
+        widen = VISION_TOKEN_REDUCTIONS[config.vision_token_reduction].widen(config.vision_reduction_factor)
         return MMPeftProjector(
             config.vision_config.hidden_size * widen,
             config.text_config.hidden_size,
@@ -347,8 +356,8 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         features = outputs.hidden_states[config.vision_feature_layer]
         if config.vision_feature_select_strategy == "default":
             features = features[:, -(config.vision_grid_size**2) :]  # drop CLS / register tokens
-        reduce = VISION_TOKEN_REDUCTIONS[config.vision_token_reduction][0]
-        features = reduce(features, config.vision_reduction_factor)
+        reduction = VISION_TOKEN_REDUCTIONS[config.vision_token_reduction]
+        features = reduction.reduce(features, config.vision_reduction_factor)
         return self.vision_projector(features)
 
     def get_audio_features(
@@ -525,4 +534,4 @@ def _first_misaligned_sample(tokens_per_sample: list[int], tokens_per_item: list
     return len(tokens_per_sample) - 1  # placeholders all matched: items are left over after the last sample
 
 
-__all__ = ["MMPeftForConditionalGeneration", "MMPeftPreTrainedModel", "MMPeftProjector"]
+__all__ = ["MMPeftForConditionalGeneration", "MMPeftPreTrainedModel", "MMPeftProjector", "TokenReduction"]
