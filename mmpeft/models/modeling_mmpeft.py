@@ -25,11 +25,12 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationMixin,
+    PreTrainedConfig,
     PreTrainedModel,
 )
 from transformers.activations import ACT2FN
 
-from .configuration_mmpeft import EncoderSpec, MMPeftConfig, encoder_spec, num_audio_tokens
+from .configuration_mmpeft import AUDIO_MASK_NAMES, EncoderSpec, MMPeftConfig, encoder_spec, num_audio_tokens
 
 
 def _drop_unused_parts(tower: nn.Module, paths: tuple[str, ...]) -> nn.Module:
@@ -129,6 +130,20 @@ VISION_TOKEN_REDUCTIONS = {
     "pixel_shuffle": TokenReduction(reduce=pixel_shuffle, widen=lambda factor: factor * factor),
 }
 
+# Audio's one, by `audio_frames_per_token`.
+AUDIO_TOKEN_REDUCTION = TokenReduction(reduce=stack_frames, widen=lambda factor: factor)
+
+
+class Modality(NamedTuple):
+    """One kind of media, as `MMPeftForConditionalGeneration.forward` merges it into the LM's input embeddings."""
+
+    name: str  # "image" / "audio": its placeholder is the config's `{name}_token_id`
+    part: str  # "vision" / "audio": names its config (`vision_config`), tower and projector
+    inputs: tuple[tuple[str, str | None], ...]  # `forward`'s (input, its mask) pairs; the first given is used
+    inputs_description: str  # how errors name the inputs
+    tokens: Callable  # (model, inputs, mask or None) -> (features (total tokens, LM hidden), tokens per item)
+    dummy_input_shape: Callable[[PreTrainedConfig], tuple[int, ...]]  # tower config -> an idle tower's input
+
 
 class MMPeftProjector(nn.Module):
     """Maps encoder features to the LM's embedding width: LLaVA's 2-layer MLP (`"mlp"`) or one `"linear"` layer."""
@@ -183,10 +198,10 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         self.audio_tower = self.audio_projector = None
         if config.vision_config is not None:
             self.vision_tower = build_tower(config.vision_config, "vision")
-            self.vision_projector = self._build_vision_projector()
+            self.vision_projector = self._build_projector("vision")
         if config.audio_config is not None:
             self.audio_tower = build_tower(config.audio_config, "audio")
-            self.audio_projector = self._build_audio_projector()
+            self.audio_projector = self._build_projector("audio")
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
         if self._auto_class is not None:
@@ -269,9 +284,9 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         for name, tower in towers.items():
             setattr(model, name, tower)
         if vision:
-            model.vision_projector = model._build_vision_projector()
+            model.vision_projector = model._build_projector("vision")
         if audio:
-            model.audio_projector = model._build_audio_projector()
+            model.audio_projector = model._build_projector("audio")
         for projector in (model.vision_projector, model.audio_projector):
             if projector is not None:
                 projector.apply(model._init_weights)
@@ -301,23 +316,23 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         )
         return model, processor
 
-    def _build_vision_projector(self) -> MMPeftProjector:
+    def _token_reduction(self, part: str) -> tuple[TokenReduction, int]:
+        """How the config has the tokens of `part` (`"vision"` / `"audio"`) reduced, and by what factor."""
         config = self.config
-        widen = VISION_TOKEN_REDUCTIONS[config.vision_token_reduction].widen(config.vision_reduction_factor)
-        return MMPeftProjector(
-            config.vision_config.hidden_size * widen,
-            config.text_config.hidden_size,
-            config.vision_projector_type,
-            config.projector_hidden_act,
-        )
+        if part == "vision":
+            return VISION_TOKEN_REDUCTIONS[config.vision_token_reduction], config.vision_reduction_factor
+        return AUDIO_TOKEN_REDUCTION, config.audio_frames_per_token
 
-    def _build_audio_projector(self) -> MMPeftProjector:
+    def _build_projector(self, part: str) -> MMPeftProjector:
+        """A new projector for `part` (`"vision"` / `"audio"`), from its tower's tokens as its token reduction
+        widens them to the LM's embedding width."""
         config = self.config
+        reduction, factor = self._token_reduction(part)
         # Whisper calls its width `d_model`; most others `hidden_size`. `attribute_map` makes both work.
         return MMPeftProjector(
-            config.audio_config.hidden_size * config.audio_frames_per_token,
+            getattr(config, f"{part}_config").hidden_size * reduction.widen(factor),
             config.text_config.hidden_size,
-            config.audio_projector_type,
+            getattr(config, f"{part}_projector_type"),
             config.projector_hidden_act,
         )
 
@@ -356,9 +371,8 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         features = outputs.hidden_states[config.vision_feature_layer]
         if config.vision_feature_select_strategy == "default":
             features = features[:, -(config.vision_grid_size**2) :]  # drop CLS / register tokens
-        reduction = VISION_TOKEN_REDUCTIONS[config.vision_token_reduction]
-        features = reduction.reduce(features, config.vision_reduction_factor)
-        return self.vision_projector(features)
+        reduction, factor = self._token_reduction("vision")
+        return self.vision_projector(reduction.reduce(features, factor))
 
     def get_audio_features(
         self, audio_inputs: torch.Tensor, audio_mask: torch.Tensor
@@ -381,12 +395,51 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             attention_mask=audio_mask,
             return_dict=True,
         )
-        features = stack_frames(outputs.last_hidden_state, config.audio_frames_per_token)
+        reduction, factor = self._token_reduction("audio")
+        features = reduction.reduce(outputs.last_hidden_state, factor)
         lengths = [
             num_audio_tokens(length, config.audio_downsampling, config.audio_frames_per_token)
             for length in audio_mask.sum(-1).tolist()
         ]
         return self.audio_projector(features), torch.tensor(lengths, device=features.device)
+
+    def _image_tokens(self, pixel_values: torch.Tensor, mask: None = None) -> tuple[torch.Tensor, list[int]]:
+        """Image features in placeholder order, (num_images * num_image_tokens, hidden), and tokens per image
+        (images have no padding mask)."""
+        features = self.get_image_features(pixel_values)
+        return features.flatten(0, 1), [features.shape[1]] * features.shape[0]
+
+    def _audio_tokens(
+        self, audio_inputs: torch.Tensor, audio_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Audio features of the valid positions in placeholder order, (total tokens, hidden), and tokens per clip."""
+        if audio_mask is None:  # every position valid
+            audio_mask = torch.ones(
+                audio_inputs.shape[0], audio_inputs.shape[-1], dtype=torch.long, device=audio_inputs.device
+            )
+        features, lengths = self.get_audio_features(audio_inputs, audio_mask)
+        valid = torch.arange(features.shape[1], device=lengths.device) < lengths[:, None]
+        return features[valid], lengths.tolist()
+
+    # The media `forward` merges, in this order (every process runs the towers in the same order).
+    _modalities = (
+        Modality(
+            name="image",
+            part="vision",
+            inputs=(("pixel_values", None),),
+            inputs_description="`pixel_values`",
+            tokens=_image_tokens,
+            dummy_input_shape=lambda config: (1, config.num_channels, config.image_size, config.image_size),
+        ),
+        Modality(
+            name="audio",
+            part="audio",
+            inputs=tuple(AUDIO_MASK_NAMES.items()),
+            inputs_description="audio inputs (`input_features` / `input_values`)",
+            tokens=_audio_tokens,
+            dummy_input_shape=lambda config: encoder_spec("audio", config.model_type).dummy_input_shape(config),
+        ),
+    )
 
     def _scatter(self, input_ids, inputs_embeds, features, token_id, modality, tokens_per_item):
         """Put `features` (total_tokens, hidden) into the positions of `token_id`, checking counts first."""
@@ -402,14 +455,32 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             )
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features.to(inputs_embeds.dtype))
 
-    def _placeholder_inputs(self, modality: str, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """A zero input for the `modality` tower: one image, or one clip (a full window for log-mel encoders)."""
-        if modality == "image":
-            config = self.config.vision_config
-            return (like.new_zeros(1, config.num_channels, config.image_size, config.image_size),)
-        config = self.config.audio_config
-        shape = encoder_spec("audio", config.model_type).dummy_input_shape(config)
-        return like.new_zeros(shape), torch.ones(shape[0], shape[-1], dtype=torch.long, device=like.device)
+    def _merge(
+        self,
+        modality: Modality,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        media: dict[str, torch.Tensor | None],
+        run_idle_tower: bool,
+    ) -> torch.Tensor:
+        """Merge one modality into `inputs_embeds`: the features of its inputs in `media` go into its placeholder
+        positions, their counts checked. Without inputs, `input_ids` must hold none of its placeholders, and with
+        `run_idle_tower` its tower (if any) runs on a dummy input and adds 0 x its output (see `forward`)."""
+        token_id = getattr(self.config, f"{modality.name}_token_id")
+        given = next(((name, mask) for name, mask in modality.inputs if media[name] is not None), None)
+        if given is not None:
+            name, mask = given
+            features, tokens_per_item = modality.tokens(self, media[name], media.get(mask))
+            return self._scatter(input_ids, inputs_embeds, features, token_id, modality.name, tokens_per_item)
+        if token_id is not None and (n := int((input_ids == token_id).sum())):
+            raise ValueError(
+                f"input_ids hold {n} {modality.name} tokens but no {modality.inputs_description} were given."
+            )
+        if getattr(self, f"{modality.part}_tower") is not None and run_idle_tower:
+            shape = modality.dummy_input_shape(getattr(self.config, f"{modality.part}_config"))
+            idle, _ = modality.tokens(self, inputs_embeds.new_zeros(shape), None)
+            inputs_embeds = inputs_embeds + 0.0 * idle.sum().to(inputs_embeds.dtype)
+        return inputs_embeds
 
     def forward(
         self,
@@ -448,14 +519,15 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             # A loss needs no cache, and a cache would hide packed (padding-free) batches from the LM: transformers
             # builds the per-sample attention mask from `position_ids` only when there is no cache.
             kwargs.setdefault("use_cache", False)
-        audio_inputs, audio_mask = (
-            (input_features, feature_attention_mask)
-            if input_features is not None
-            else (input_values, input_values_mask)
-        )
-        has_media = pixel_values is not None or audio_inputs is not None
+        media = {
+            "pixel_values": pixel_values,
+            "input_features": input_features,
+            "feature_attention_mask": feature_attention_mask,
+            "input_values": input_values,
+            "input_values_mask": input_values_mask,
+        }
         if inputs_embeds is not None:
-            if has_media:
+            if any(media[name] is not None for modality in self._modalities for name, _ in modality.inputs):
                 raise ValueError(
                     "Images and audio need `input_ids` (to find their placeholders), not `inputs_embeds`."
                 )
@@ -469,45 +541,8 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         # sharded weights collectively, so a rank that skipped it (its batch had no image) would deadlock the
         # others, and DDP without unused-parameter detection fails on parameters that got no gradient.
         run_idle_towers = _is_multi_process()
-
-        if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
-            tokens_per_image = [image_features.shape[1]] * image_features.shape[0]
-            inputs_embeds = self._scatter(
-                input_ids,
-                inputs_embeds,
-                image_features.flatten(0, 1),
-                self.config.image_token_id,
-                "image",
-                tokens_per_image,
-            )
-        else:
-            if self.config.image_token_id is not None and (n := int((input_ids == self.config.image_token_id).sum())):
-                raise ValueError(f"input_ids hold {n} image tokens but no `pixel_values` were given.")
-            if self.vision_tower is not None and run_idle_towers:
-                idle = self.get_image_features(*self._placeholder_inputs("image", inputs_embeds))
-                inputs_embeds = inputs_embeds + 0.0 * idle.sum().to(inputs_embeds.dtype)
-
-        if audio_inputs is not None:
-            if audio_mask is None:  # every position valid
-                audio_mask = torch.ones(
-                    audio_inputs.shape[0], audio_inputs.shape[-1], dtype=torch.long, device=audio_inputs.device
-                )
-            audio_features, lengths = self.get_audio_features(audio_inputs, audio_mask)
-            valid = torch.arange(audio_features.shape[1], device=lengths.device) < lengths[:, None]
-            inputs_embeds = self._scatter(
-                input_ids, inputs_embeds, audio_features[valid], self.config.audio_token_id, "audio", lengths.tolist()
-            )
-        else:
-            if self.config.audio_token_id is not None and (n := int((input_ids == self.config.audio_token_id).sum())):
-                raise ValueError(
-                    f"input_ids hold {n} audio tokens but no audio inputs (`input_features` / `input_values`) "
-                    "were given."
-                )
-            if self.audio_tower is not None and run_idle_towers:
-                idle, _ = self.get_audio_features(*self._placeholder_inputs("audio", inputs_embeds))
-                inputs_embeds = inputs_embeds + 0.0 * idle.sum().to(inputs_embeds.dtype)
-
+        for modality in self._modalities:
+            inputs_embeds = self._merge(modality, input_ids, inputs_embeds, media, run_idle_towers)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
 
