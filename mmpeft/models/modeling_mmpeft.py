@@ -1,8 +1,8 @@
 """The mmpeft omni model: a vision encoder and an audio encoder in front of a causal LM.
 
-Read top to bottom: building and loading the towers (as the encoder registries of `configuration_mmpeft.py`
-say), token-reduction helpers, the projector, the model (towers -> features -> scatter into the placeholder
-positions of the LM's input embeddings -> LM).
+Read top to bottom: building and loading the parts (the towers as the encoder registries of
+`configuration_mmpeft.py` say), token-reduction helpers, the projector, the model (towers -> features ->
+scatter into the placeholder positions of the LM's input embeddings -> LM).
 
 This file is copied next to saved checkpoints for `trust_remote_code` loading, so it imports only torch,
 transformers and its sibling `configuration_mmpeft.py`.
@@ -19,11 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
-    AutoFeatureExtractor,
-    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
-    AutoTokenizer,
+    GenerationConfig,
     GenerationMixin,
     PreTrainedConfig,
     PreTrainedModel,
@@ -75,6 +73,32 @@ def load_tower(name_or_path: str | os.PathLike, part: str, **kwargs) -> PreTrain
             name_or_path, config=config, key_mapping=key_mapping, use_safetensors=True, **kwargs
         )
     return _drop_unused_parts(tower, spec.unused_parts)
+
+
+def _load_language_model(text: str | os.PathLike, vocab_size: int, dtype: torch.dtype | None) -> PreTrainedModel:
+    """The pretrained causal LM at `text` (safetensors weights only), its embeddings grown to `vocab_size` rows if
+    it has fewer (the tokens a composed model adds)."""
+    language_model = AutoModelForCausalLM.from_pretrained(
+        text, dtype=dtype, use_safetensors=True, trust_remote_code=False
+    )
+    if vocab_size > language_model.get_input_embeddings().num_embeddings:
+        language_model.resize_token_embeddings(vocab_size)
+    return language_model
+
+
+def _chat_generation_config(generation_config: GenerationConfig, tokenizer, suppress_tokens) -> GenerationConfig:
+    """An LM's `generation_config` for chat: it also stops at `<|im_end|>`, pads with the tokenizer's pad token (or
+    the first eos token) where it has none, and never emits `suppress_tokens` (the placeholders)."""
+    eos = generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    generation_config.eos_token_id = eos + [im_end] if im_end not in eos else eos
+    if generation_config.pad_token_id is None:
+        generation_config.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0] if eos else None
+        )
+    generation_config.suppress_tokens = suppress_tokens
+    return generation_config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,71 +274,55 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             )
             ```
         """
-        from .processing_mmpeft import CHAT_SPECIAL_TOKENS, MMPeftProcessor, load_without_code
+        from .processing_mmpeft import AUDIO_TOKEN, IMAGE_TOKEN, MMPeftProcessor, load_tokenizer_for_parts
 
-        tokenizer = load_without_code(AutoTokenizer, text)
-        placeholders = {"image": "<image>" if vision else None, "audio": "<audio>" if audio else None}
-        new_tokens = [
-            t for t in [*CHAT_SPECIAL_TOKENS, *placeholders.values()] if t and t not in tokenizer.get_vocab()
-        ]
-        tokenizer.add_tokens(new_tokens, special_tokens=True)
-        language_model = AutoModelForCausalLM.from_pretrained(
-            text, dtype=dtype, use_safetensors=True, trust_remote_code=False
-        )
-        if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
-            language_model.resize_token_embeddings(len(tokenizer))
-
-        towers = {
-            "vision_tower": load_tower(vision, "vision", dtype=dtype) if vision else None,
-            "audio_tower": load_tower(audio, "audio", dtype=dtype) if audio else None,
-        }
+        tokenizer = load_tokenizer_for_parts(text, image=bool(vision), audio=bool(audio))
+        language_model = _load_language_model(text, len(tokenizer), dtype)
+        vision_tower = load_tower(vision, "vision", dtype=dtype) if vision else None
+        audio_tower = load_tower(audio, "audio", dtype=dtype) if audio else None
         config = MMPeftConfig(
             text_config=language_model.config,
-            vision_config=towers["vision_tower"].config if vision else None,
-            audio_config=towers["audio_tower"].config if audio else None,
-            image_token_id=tokenizer.convert_tokens_to_ids(placeholders["image"]) if vision else None,
-            audio_token_id=tokenizer.convert_tokens_to_ids(placeholders["audio"]) if audio else None,
+            vision_config=vision_tower.config if vision else None,
+            audio_config=audio_tower.config if audio else None,
+            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if vision else None,
+            audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN) if audio else None,
             **config_kwargs,
         )
+        model = cls._from_parts(config, language_model, vision_tower, audio_tower, dtype)
+        model.generation_config = _chat_generation_config(
+            language_model.generation_config, tokenizer, suppress_tokens=model.generation_config.suppress_tokens
+        )
+        processor = MMPeftProcessor.from_pretrained_parts(
+            config, tokenizer, vision=vision, audio=audio, chat_template=chat_template
+        )
+        return model, processor
+
+    @classmethod
+    def _from_parts(
+        cls,
+        config: MMPeftConfig,
+        language_model: PreTrainedModel,
+        vision_tower: PreTrainedModel | None,
+        audio_tower: PreTrainedModel | None,
+        dtype: torch.dtype | None,
+    ) -> "MMPeftForConditionalGeneration":
+        """A model of `config` made of the given pretrained parts and new, initialised projectors."""
         # Build the shell on the meta device (no memory, no init), then put the pretrained parts in and
         # initialise only the projectors, which are new.
         with torch.device("meta"):
             model = cls(config)
         model.language_model = language_model
-        for name, tower in towers.items():
-            setattr(model, name, tower)
-        if vision:
+        model.vision_tower, model.audio_tower = vision_tower, audio_tower
+        if vision_tower is not None:
             model.vision_projector = model._build_projector("vision")
-        if audio:
+        if audio_tower is not None:
             model.audio_projector = model._build_projector("audio")
         for projector in (model.vision_projector, model.audio_projector):
             if projector is not None:
                 projector.apply(model._init_weights)
         if dtype is not None:
             model.to(dtype)
-
-        generation_config = language_model.generation_config
-        eos = generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        generation_config.eos_token_id = eos + [im_end] if im_end not in eos else eos
-        if generation_config.pad_token_id is None:
-            generation_config.pad_token_id = (
-                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0] if eos else None
-            )
-        generation_config.suppress_tokens = model.generation_config.suppress_tokens
-        model.generation_config = generation_config
-
-        processor = MMPeftProcessor(
-            image_processor=load_without_code(AutoImageProcessor, vision) if vision else None,
-            feature_extractor=load_without_code(AutoFeatureExtractor, audio) if audio else None,
-            tokenizer=tokenizer,
-            chat_template=chat_template,
-            image_seq_length=config.num_image_tokens if vision else None,
-            audio_downsampling=config.audio_downsampling if audio else None,
-            audio_frames_per_token=config.audio_frames_per_token,
-        )
-        return model, processor
+        return model
 
     def _token_reduction(self, part: str) -> tuple[TokenReduction, int]:
         """How the config has the tokens of `part` (`"vision"` / `"audio"`) reduced, and by what factor."""

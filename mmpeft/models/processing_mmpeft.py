@@ -19,6 +19,8 @@ from .configuration_mmpeft import AUDIO_MASK_NAMES, num_audio_tokens
 
 # Turn markers of the default chat template; `from_pretrained_parts` adds them to tokenizers that lack them.
 CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# Placeholders of the default chat template, each expanded to one image's or clip's tokens.
+IMAGE_TOKEN, AUDIO_TOKEN = "<image>", "<audio>"
 
 # ChatML with multimodal content parts: `{"type": "image"}`, `{"type": "audio"}`, `{"type": "text", "text": ...}`.
 DEFAULT_CHAT_TEMPLATE = (
@@ -93,6 +95,15 @@ AUDIO_MASK_LENGTHS = {
 }
 
 
+def load_tokenizer_for_parts(text: str | os.PathLike, image: bool, audio: bool):
+    """The tokenizer of the LM at `text`, with the tokens a model composed from it needs added where missing: the
+    ChatML markers of the default chat template and the placeholders of the modalities it has."""
+    tokenizer = load_without_code(AutoTokenizer, text)
+    wanted = [*CHAT_SPECIAL_TOKENS, *([IMAGE_TOKEN] if image else []), *([AUDIO_TOKEN] if audio else [])]
+    tokenizer.add_tokens([token for token in wanted if token not in tokenizer.get_vocab()], special_tokens=True)
+    return tokenizer
+
+
 def load_without_code(auto_class, name_or_path, **kwargs):
     """`auto_class.from_pretrained(name_or_path)` (a tokenizer, image processor or feature extractor) that never runs
     code from the checkpoint: an `auto_map` to custom code is refused in one line, where transformers would ask
@@ -137,8 +148,8 @@ class MMPeftProcessor(ProcessorMixin):
         feature_extractor=None,
         tokenizer=None,
         chat_template=None,
-        image_token="<image>",
-        audio_token="<audio>",
+        image_token=IMAGE_TOKEN,
+        audio_token=AUDIO_TOKEN,
         image_seq_length=None,
         audio_downsampling=None,
         audio_frames_per_token=1,
@@ -176,6 +187,35 @@ class MMPeftProcessor(ProcessorMixin):
         }
         self.get_attributes = lambda: list(present)
         super().__init__(**present, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+
+    @classmethod
+    def from_pretrained_parts(
+        cls,
+        config,
+        tokenizer,
+        vision: str | os.PathLike | None = None,
+        audio: str | os.PathLike | None = None,
+        chat_template: str | None = None,
+    ) -> "MMPeftProcessor":
+        """The processor of a model composed from pretrained parts, for
+        `MMPeftForConditionalGeneration.from_pretrained_parts`.
+
+        Args:
+            config: the composed model's `MMPeftConfig` (tokens per image, the audio encoder's downsampling).
+            tokenizer: the LM's tokenizer, with the tokens the model needs (`load_tokenizer_for_parts`).
+            vision: Hub id or directory of the vision encoder, whose image processor is loaded, or `None`.
+            audio: Hub id or directory of the audio encoder, whose feature extractor is loaded, or `None`.
+            chat_template: defaults to ChatML with image / audio / text parts.
+        """
+        return cls(
+            image_processor=load_without_code(AutoImageProcessor, vision) if vision else None,
+            feature_extractor=load_without_code(AutoFeatureExtractor, audio) if audio else None,
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+            image_seq_length=config.num_image_tokens if vision else None,
+            audio_downsampling=config.audio_downsampling if audio else None,
+            audio_frames_per_token=config.audio_frames_per_token,
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -317,11 +357,14 @@ class MMPeftProcessor(ProcessorMixin):
 
 
 __all__ = [
+    "AUDIO_TOKEN",
     "CHAT_SPECIAL_TOKENS",
     "CHAT_TEMPLATE_TIME_LIMIT",
     "ChatTemplateTimeout",
     "DEFAULT_CHAT_TEMPLATE",
+    "IMAGE_TOKEN",
     "MMPeftProcessor",
+    "load_tokenizer_for_parts",
     "load_without_code",
     "rendering_time_limit",
     "time_limit",
