@@ -240,9 +240,9 @@ def count_parts(model, framework: str, vision_model_type: str | None) -> dict:
     The tower counts what the forward reads: a CLIP tower built by `AutoModel` also holds the final norm of its
     pooled output, which Llava never reads (it takes hidden state -2) and mmpeft drops when it builds the tower.
     """
-    from mmpeft.models.modeling_mmpeft import VISION_UNUSED_PARTS
+    from mmpeft.models.configuration_mmpeft import encoder_spec
 
-    unused = VISION_UNUSED_PARTS.get(vision_model_type, ()) if framework != "mmpeft" else ()
+    unused = encoder_spec("vision", vision_model_type).unused_parts if framework != "mmpeft" else ()
     counts = {}
     for part, prefixes in zip(("lm", "tower", "projector"), PARTS[framework]):
         counts[part] = sum(

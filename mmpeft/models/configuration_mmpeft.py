@@ -5,6 +5,8 @@ standard library, `huggingface_hub` and `transformers`.
 """
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
@@ -12,35 +14,89 @@ from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 
-# How an audio encoder shortens its input: its strided layers as (kernel, stride, padding), applied to the
-# input length (mel frames for log-mel encoders, samples for waveform encoders). Keyed by `model_type`.
-# A new audio encoder family is one row here.
-def _whisper_downsampling(config) -> list[tuple[int, int, int]]:
-    return [(3, 1, 1), (3, 2, 1)]  # conv1, conv2 of WhisperEncoder
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What mmpeft knows of one encoder family beyond its config: a row of `VISION_ENCODERS` / `AUDIO_ENCODERS`.
+
+    A new encoder family is one row. Vision families without a row are built as `AutoModel` builds them, with
+    nothing dropped, and only for `vision_feature_select_strategy="default"`; audio families need a row.
+
+    Args:
+        prefix_tokens: (vision) `config -> number` of tokens the encoder puts before its patch tokens (CLS,
+            registers). Only needed for `vision_feature_select_strategy="full"`; "default" keeps the last
+            grid * grid tokens, which are the patches.
+        downsampling: (audio, required) `config -> [(kernel, stride, padding), ...]`, the strided layers that
+            shorten the input length (mel frames for log-mel encoders, samples for waveform encoders); see
+            `num_audio_tokens`.
+        dummy_input_shape: (audio, required) `config -> shape` of the zero input an idle tower is run on in
+            multi-process training (see `MMPeftForConditionalGeneration.forward`).
+        encoder_class: `(module, class name)` of the class to build instead of `AutoModel`'s, for families whose
+            `AutoModel` is more than the encoder (encoder-decoders such as Whisper).
+        encoder_prefix: where the family's full-model checkpoints store the weights of `encoder_class`
+            (`"model.encoder."`); stripped when a tower is loaded from one.
+        unused_parts: submodules or parameters (dotted paths) that only produce outputs mmpeft never reads
+            (pooled output, final norm of `last_hidden_state`, masked-image-modelling token): dropped, so that
+            they hold no memory, are not saved and do not break DDP as unused parameters. mmpeft reads
+            `hidden_states[vision_feature_layer]` of vision encoders.
+    """
+
+    prefix_tokens: Callable[[PreTrainedConfig], int] | None = None
+    downsampling: Callable[[PreTrainedConfig], list[tuple[int, int, int]]] | None = None
+    dummy_input_shape: Callable[[PreTrainedConfig], tuple[int, ...]] | None = None
+    encoder_class: tuple[str, str] | None = None
+    encoder_prefix: str | None = None
+    unused_parts: tuple[str, ...] = ()
 
 
 def _conv_feature_encoder_downsampling(config) -> list[tuple[int, int, int]]:
     return [(kernel, stride, 0) for kernel, stride in zip(config.conv_kernel, config.conv_stride)]
 
 
-AUDIO_DOWNSAMPLING = {
-    "whisper": _whisper_downsampling,
-    "wav2vec2": _conv_feature_encoder_downsampling,
-    "wav2vec2-conformer": _conv_feature_encoder_downsampling,
-    "hubert": _conv_feature_encoder_downsampling,
-    "wavlm": _conv_feature_encoder_downsampling,
-    "data2vec-audio": _conv_feature_encoder_downsampling,
+def _one_second_of_silence(config) -> tuple[int, ...]:
+    return (1, 16000)
+
+
+# Keyed by `model_type` (`vision_config.model_type`).
+VISION_ENCODERS = {
+    "clip_vision_model": EncoderSpec(prefix_tokens=lambda config: 1, unused_parts=("post_layernorm",)),
+    "siglip_vision_model": EncoderSpec(prefix_tokens=lambda config: 0, unused_parts=("post_layernorm", "head")),
+    "vit": EncoderSpec(prefix_tokens=lambda config: 1, unused_parts=("layernorm", "pooler")),
+    "dinov2": EncoderSpec(prefix_tokens=lambda config: 1, unused_parts=("layernorm", "embeddings.mask_token")),
+    "dinov2_with_registers": EncoderSpec(
+        prefix_tokens=lambda config: 1 + config.num_register_tokens,
+        unused_parts=("layernorm", "embeddings.mask_token"),
+    ),
 }
 
-# Tokens a ViT-style vision encoder puts before its patch tokens (CLS, registers). Only needed for
-# `vision_feature_select_strategy="full"`; "default" keeps the last grid*grid tokens, which are the patches.
-VISION_PREFIX_TOKENS = {
-    "clip_vision_model": lambda config: 1,
-    "siglip_vision_model": lambda config: 0,
-    "vit": lambda config: 1,
-    "dinov2": lambda config: 1,
-    "dinov2_with_registers": lambda config: 1 + config.num_register_tokens,
+# Keyed by `model_type` (`audio_config.model_type`).
+AUDIO_ENCODERS = {
+    "whisper": EncoderSpec(
+        downsampling=lambda config: [(3, 1, 1), (3, 2, 1)],  # conv1, conv2 of WhisperEncoder
+        dummy_input_shape=lambda config: (1, config.num_mel_bins, 2 * config.max_source_positions),  # one window
+        encoder_class=("transformers.models.whisper.modeling_whisper", "WhisperEncoder"),
+        encoder_prefix="model.encoder.",
+    ),
+    **{
+        model_type: EncoderSpec(
+            downsampling=_conv_feature_encoder_downsampling, dummy_input_shape=_one_second_of_silence
+        )
+        for model_type in ("wav2vec2", "wav2vec2-conformer", "hubert", "wavlm", "data2vec-audio")
+    },
 }
+
+# The registry of each part of the model that has one; "vision" and "audio" also name its config (`vision_config`),
+# tower (`vision_tower`) and projector (`vision_projector`).
+ENCODERS = {"vision": VISION_ENCODERS, "audio": AUDIO_ENCODERS}
+
+
+def encoder_spec(part: str, model_type: str) -> EncoderSpec:
+    """The row of `model_type` in the registry of `part` (`"vision"` / `"audio"`); an empty row if it has none."""
+    return ENCODERS[part].get(model_type, EncoderSpec())
+
+
+# Name of the padding mask the model takes next to each kind of audio input (`main_input_name` of the tower,
+# first of the feature extractor's `model_input_names`).
+AUDIO_MASK_NAMES = {"input_features": "feature_attention_mask", "input_values": "input_values_mask"}
 
 
 def num_audio_tokens(length: int, downsampling: list, frames_per_token: int) -> int:
@@ -136,10 +192,11 @@ class MMPeftConfig(PreTrainedConfig):
         if self.image_token_id is None:
             raise ValueError("`image_token_id` is required when `vision_config` is set.")
         if self.vision_feature_select_strategy == "full":
-            if vision.model_type not in VISION_PREFIX_TOKENS:
+            if encoder_spec("vision", vision.model_type).prefix_tokens is None:
+                known = sorted(name for name, spec in VISION_ENCODERS.items() if spec.prefix_tokens is not None)
                 raise ValueError(
                     f"vision_feature_select_strategy='full' needs the prefix-token count of {vision.model_type!r}; "
-                    f"known types: {sorted(VISION_PREFIX_TOKENS)}. Use 'default' or add it to VISION_PREFIX_TOKENS."
+                    f"known types: {known}. Use 'default' or give its row in VISION_ENCODERS `prefix_tokens`."
                 )
             if self.vision_token_reduction != "none":
                 raise ValueError(
@@ -152,10 +209,11 @@ class MMPeftConfig(PreTrainedConfig):
             )
 
     def _validate_audio(self):
-        if self.audio_config.model_type not in AUDIO_DOWNSAMPLING:
+        if self.audio_config.model_type not in AUDIO_ENCODERS:
             raise ValueError(
                 f"audio_config model_type {self.audio_config.model_type!r} is not supported yet; known: "
-                f"{sorted(AUDIO_DOWNSAMPLING)}. Add how it downsamples its input to AUDIO_DOWNSAMPLING."
+                f"{sorted(AUDIO_ENCODERS)}. Add a row for it to AUDIO_ENCODERS (how it downsamples its input, "
+                "the shape of a dummy input)."
             )
         if self.audio_token_id is None:
             raise ValueError("`audio_token_id` is required when `audio_config` is set.")
@@ -175,7 +233,7 @@ class MMPeftConfig(PreTrainedConfig):
         """LM tokens one image becomes (the processor expands each `<image>` to this many)."""
         grid = self.vision_grid_size
         if self.vision_feature_select_strategy == "full":
-            return grid * grid + VISION_PREFIX_TOKENS[self.vision_config.model_type](self.vision_config)
+            return grid * grid + VISION_ENCODERS[self.vision_config.model_type].prefix_tokens(self.vision_config)
         if self.vision_token_reduction != "none":
             grid //= self.vision_reduction_factor
         return grid * grid
@@ -183,7 +241,16 @@ class MMPeftConfig(PreTrainedConfig):
     @property
     def audio_downsampling(self) -> list[tuple[int, int, int]]:
         """The audio encoder's strided layers, as used by `num_audio_tokens`."""
-        return AUDIO_DOWNSAMPLING[self.audio_config.model_type](self.audio_config)
+        return AUDIO_ENCODERS[self.audio_config.model_type].downsampling(self.audio_config)
 
 
-__all__ = ["MMPeftConfig", "num_audio_tokens", "AUDIO_DOWNSAMPLING", "VISION_PREFIX_TOKENS"]
+__all__ = [
+    "AUDIO_ENCODERS",
+    "AUDIO_MASK_NAMES",
+    "ENCODERS",
+    "EncoderSpec",
+    "MMPeftConfig",
+    "VISION_ENCODERS",
+    "encoder_spec",
+    "num_audio_tokens",
+]

@@ -1,7 +1,8 @@
 """The mmpeft omni model: a vision encoder and an audio encoder in front of a causal LM.
 
-Read top to bottom: token-reduction helpers, the projector, the model (towers -> features -> scatter into
-the placeholder positions of the LM's input embeddings -> LM).
+Read top to bottom: building and loading the parts (the towers as the encoder registries of
+`configuration_mmpeft.py` say), token-reduction helpers, the projector, the model (towers -> features ->
+scatter into the placeholder positions of the LM's input embeddings -> LM).
 
 This file is copied next to saved checkpoints for `trust_remote_code` loading, so it imports only torch,
 transformers and its sibling `configuration_mmpeft.py`.
@@ -9,41 +10,25 @@ transformers and its sibling `configuration_mmpeft.py`.
 
 import importlib
 import os
+import re
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
-    AutoFeatureExtractor,
-    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
-    AutoTokenizer,
+    GenerationConfig,
     GenerationMixin,
+    PreTrainedConfig,
     PreTrainedModel,
 )
 from transformers.activations import ACT2FN
 
-from .configuration_mmpeft import MMPeftConfig, num_audio_tokens
-
-
-# Audio encoders whose `AutoModel` is more than the encoder (Whisper's is encoder + decoder): the class to
-# build instead, as (module, class name). Everything else is built with `AutoModel.from_config`.
-AUDIO_ENCODER_CLASSES = {
-    "whisper": ("transformers.models.whisper.modeling_whisper", "WhisperEncoder"),
-}
-
-# Parts of vision encoders that only produce outputs mmpeft never reads (pooled output, final norm of
-# `last_hidden_state`, masked-image-modelling token): dropped, so that they hold no memory, are not saved and
-# do not break DDP as unused parameters. mmpeft reads `hidden_states[vision_feature_layer]`.
-VISION_UNUSED_PARTS = {
-    "clip_vision_model": ("post_layernorm",),
-    "siglip_vision_model": ("post_layernorm", "head"),
-    "vit": ("layernorm", "pooler"),
-    "dinov2": ("layernorm", "embeddings.mask_token"),
-    "dinov2_with_registers": ("layernorm", "embeddings.mask_token"),
-}
+from .configuration_mmpeft import AUDIO_MASK_NAMES, EncoderSpec, MMPeftConfig, encoder_spec, num_audio_tokens
 
 
 def _drop_unused_parts(tower: nn.Module, paths: tuple[str, ...]) -> nn.Module:
@@ -59,56 +44,61 @@ def _drop_unused_parts(tower: nn.Module, paths: tuple[str, ...]) -> nn.Module:
     return tower
 
 
-# Shape of a placeholder input for each kind of audio tower input (see `forward`: idle towers).
-DUMMY_AUDIO_SHAPES = {
-    "input_features": lambda config: (1, config.num_mel_bins, 2 * config.max_source_positions),  # one full window
-    "input_values": lambda config: (1, 16000),  # one second of silence
-}
-
-
-def _audio_encoder_class(audio_config) -> type[PreTrainedModel] | None:
-    """The encoder class for `audio_config` from `AUDIO_ENCODER_CLASSES`; `None`: use `AutoModel`."""
-    if audio_config.model_type not in AUDIO_ENCODER_CLASSES:
-        return None
-    module, name = AUDIO_ENCODER_CLASSES[audio_config.model_type]
+def _encoder_class(spec: EncoderSpec) -> type[PreTrainedModel]:
+    module, name = spec.encoder_class
     return getattr(importlib.import_module(module), name)
 
 
-def build_audio_tower(audio_config) -> PreTrainedModel:
-    """The audio encoder for `audio_config`, encoder half only."""
-    encoder_class = _audio_encoder_class(audio_config)
-    return encoder_class(audio_config) if encoder_class else AutoModel.from_config(audio_config)
+def build_tower(config, part: str) -> PreTrainedModel:
+    """The encoder for `config` as its row in the registry of `part` (`"vision"` / `"audio"`) says: the encoder half
+    of encoder-decoders, without the parts mmpeft does not use."""
+    spec = encoder_spec(part, config.model_type)
+    tower = _encoder_class(spec)(config) if spec.encoder_class else AutoModel.from_config(config)
+    return _drop_unused_parts(tower, spec.unused_parts)
 
 
-def build_vision_tower(vision_config) -> PreTrainedModel:
-    """The vision encoder for `vision_config`, without the parts mmpeft does not use."""
-    tower = AutoModel.from_config(vision_config)
-    return _drop_unused_parts(tower, VISION_UNUSED_PARTS.get(vision_config.model_type, ()))
-
-
-def load_vision_tower(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
-    """The pretrained vision encoder of a checkpoint (safetensors weights only); for dual encoders (CLIP, SigLIP)
-    its vision half."""
-    kwargs["trust_remote_code"] = False  # never a checkpoint's own code (nor a "[y/N]" prompt)
-    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-    config = getattr(config, "vision_config", None) or config
-    tower = AutoModel.from_pretrained(name_or_path, config=config, use_safetensors=True, **kwargs)
-    return _drop_unused_parts(tower, VISION_UNUSED_PARTS.get(config.model_type, ()))
-
-
-def load_audio_tower(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
-    """The pretrained audio encoder of a checkpoint (safetensors weights only); for encoder-decoders (Whisper) its
+def load_tower(name_or_path: str | os.PathLike, part: str, **kwargs) -> PreTrainedModel:
+    """The pretrained `part` (`"vision"` / `"audio"`) encoder of a checkpoint (safetensors weights only), as
+    `build_tower` builds it: for dual encoders (CLIP, SigLIP) its `part` half, for encoder-decoders (Whisper) its
     encoder half."""
     kwargs["trust_remote_code"] = False  # never a checkpoint's own code (nor a "[y/N]" prompt)
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-    config = getattr(config, "audio_config", None) or config
-    encoder_class = _audio_encoder_class(config)
-    if encoder_class is None:
-        return AutoModel.from_pretrained(name_or_path, config=config, use_safetensors=True, **kwargs)
-    # Full-model checkpoints (Whisper) store the encoder under `model.encoder.`.
-    return encoder_class.from_pretrained(
-        name_or_path, config=config, key_mapping={r"^model\.encoder\.": ""}, use_safetensors=True, **kwargs
+    config = getattr(config, f"{part}_config", None) or config
+    spec = encoder_spec(part, config.model_type)
+    if spec.encoder_class is None:
+        tower = AutoModel.from_pretrained(name_or_path, config=config, use_safetensors=True, **kwargs)
+    else:  # a full-model checkpoint stores the encoder under `encoder_prefix`
+        key_mapping = {f"^{re.escape(spec.encoder_prefix)}": ""} if spec.encoder_prefix else None
+        tower = _encoder_class(spec).from_pretrained(
+            name_or_path, config=config, key_mapping=key_mapping, use_safetensors=True, **kwargs
+        )
+    return _drop_unused_parts(tower, spec.unused_parts)
+
+
+def _load_language_model(text: str | os.PathLike, vocab_size: int, dtype: torch.dtype | None) -> PreTrainedModel:
+    """The pretrained causal LM at `text` (safetensors weights only), its embeddings grown to `vocab_size` rows if
+    it has fewer (the tokens a composed model adds)."""
+    language_model = AutoModelForCausalLM.from_pretrained(
+        text, dtype=dtype, use_safetensors=True, trust_remote_code=False
     )
+    if vocab_size > language_model.get_input_embeddings().num_embeddings:
+        language_model.resize_token_embeddings(vocab_size)
+    return language_model
+
+
+def _chat_generation_config(generation_config: GenerationConfig, tokenizer, suppress_tokens) -> GenerationConfig:
+    """An LM's `generation_config` for chat: it also stops at `<|im_end|>`, pads with the tokenizer's pad token (or
+    the first eos token) where it has none, and never emits `suppress_tokens` (the placeholders)."""
+    eos = generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    generation_config.eos_token_id = eos + [im_end] if im_end not in eos else eos
+    if generation_config.pad_token_id is None:
+        generation_config.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0] if eos else None
+        )
+    generation_config.suppress_tokens = suppress_tokens
+    return generation_config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,12 +140,33 @@ def stack_frames(features: torch.Tensor, factor: int) -> torch.Tensor:
     return features.reshape(num_clips, -1, dim * factor)
 
 
-# name -> (function, how much wider a token gets)
+class TokenReduction(NamedTuple):
+    """A way to shorten a tower's token sequence before projection, by an integer `factor`."""
+
+    reduce: Callable[[torch.Tensor, int], torch.Tensor]  # (features, factor) -> fewer tokens
+    widen: Callable[[int], int]  # factor -> how many times wider a token gets
+
+
+# By `vision_token_reduction`.
 VISION_TOKEN_REDUCTIONS = {
-    "none": (lambda features, factor: features, lambda factor: 1),
-    "avg_pool": (avg_pool, lambda factor: 1),
-    "pixel_shuffle": (pixel_shuffle, lambda factor: factor * factor),
+    "none": TokenReduction(reduce=lambda features, factor: features, widen=lambda factor: 1),
+    "avg_pool": TokenReduction(reduce=avg_pool, widen=lambda factor: 1),
+    "pixel_shuffle": TokenReduction(reduce=pixel_shuffle, widen=lambda factor: factor * factor),
 }
+
+# Audio's one, by `audio_frames_per_token`.
+AUDIO_TOKEN_REDUCTION = TokenReduction(reduce=stack_frames, widen=lambda factor: factor)
+
+
+class Modality(NamedTuple):
+    """One kind of media, as `MMPeftForConditionalGeneration.forward` merges it into the LM's input embeddings."""
+
+    name: str  # "image" / "audio": its placeholder is the config's `{name}_token_id`
+    part: str  # "vision" / "audio": names its config (`vision_config`), tower and projector
+    inputs: tuple[tuple[str, str | None], ...]  # `forward`'s (input, its mask) pairs; the first given is used
+    inputs_description: str  # how errors name the inputs
+    tokens: Callable  # (model, inputs, mask or None) -> (features (total tokens, LM hidden), tokens per item)
+    dummy_input_shape: Callable[[PreTrainedConfig], tuple[int, ...]]  # tower config -> an idle tower's input
 
 
 class MMPeftProjector(nn.Module):
@@ -210,11 +221,11 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         self.vision_tower = self.vision_projector = None
         self.audio_tower = self.audio_projector = None
         if config.vision_config is not None:
-            self.vision_tower = build_vision_tower(config.vision_config)
-            self.vision_projector = self._build_vision_projector()
+            self.vision_tower = build_tower(config.vision_config, "vision")
+            self.vision_projector = self._build_projector("vision")
         if config.audio_config is not None:
-            self.audio_tower = build_audio_tower(config.audio_config)
-            self.audio_projector = self._build_audio_projector()
+            self.audio_tower = build_tower(config.audio_config, "audio")
+            self.audio_projector = self._build_projector("audio")
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
         if self._auto_class is not None:
@@ -263,89 +274,73 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             )
             ```
         """
-        from .processing_mmpeft import CHAT_SPECIAL_TOKENS, MMPeftProcessor, load_without_code
+        from .processing_mmpeft import AUDIO_TOKEN, IMAGE_TOKEN, MMPeftProcessor, load_tokenizer_for_parts
 
-        tokenizer = load_without_code(AutoTokenizer, text)
-        placeholders = {"image": "<image>" if vision else None, "audio": "<audio>" if audio else None}
-        new_tokens = [
-            t for t in [*CHAT_SPECIAL_TOKENS, *placeholders.values()] if t and t not in tokenizer.get_vocab()
-        ]
-        tokenizer.add_tokens(new_tokens, special_tokens=True)
-        language_model = AutoModelForCausalLM.from_pretrained(
-            text, dtype=dtype, use_safetensors=True, trust_remote_code=False
-        )
-        if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
-            language_model.resize_token_embeddings(len(tokenizer))
-
-        towers = {
-            "vision_tower": load_vision_tower(vision, dtype=dtype) if vision else None,
-            "audio_tower": load_audio_tower(audio, dtype=dtype) if audio else None,
-        }
+        tokenizer = load_tokenizer_for_parts(text, image=bool(vision), audio=bool(audio))
+        language_model = _load_language_model(text, len(tokenizer), dtype)
+        vision_tower = load_tower(vision, "vision", dtype=dtype) if vision else None
+        audio_tower = load_tower(audio, "audio", dtype=dtype) if audio else None
         config = MMPeftConfig(
             text_config=language_model.config,
-            vision_config=towers["vision_tower"].config if vision else None,
-            audio_config=towers["audio_tower"].config if audio else None,
-            image_token_id=tokenizer.convert_tokens_to_ids(placeholders["image"]) if vision else None,
-            audio_token_id=tokenizer.convert_tokens_to_ids(placeholders["audio"]) if audio else None,
+            vision_config=vision_tower.config if vision else None,
+            audio_config=audio_tower.config if audio else None,
+            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if vision else None,
+            audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN) if audio else None,
             **config_kwargs,
         )
+        model = cls._from_parts(config, language_model, vision_tower, audio_tower, dtype)
+        model.generation_config = _chat_generation_config(
+            language_model.generation_config, tokenizer, suppress_tokens=model.generation_config.suppress_tokens
+        )
+        processor = MMPeftProcessor.from_pretrained_parts(
+            config, tokenizer, vision=vision, audio=audio, chat_template=chat_template
+        )
+        return model, processor
+
+    @classmethod
+    def _from_parts(
+        cls,
+        config: MMPeftConfig,
+        language_model: PreTrainedModel,
+        vision_tower: PreTrainedModel | None,
+        audio_tower: PreTrainedModel | None,
+        dtype: torch.dtype | None,
+    ) -> "MMPeftForConditionalGeneration":
+        """A model of `config` made of the given pretrained parts and new, initialised projectors."""
         # Build the shell on the meta device (no memory, no init), then put the pretrained parts in and
         # initialise only the projectors, which are new.
         with torch.device("meta"):
             model = cls(config)
         model.language_model = language_model
-        for name, tower in towers.items():
-            setattr(model, name, tower)
-        if vision:
-            model.vision_projector = model._build_vision_projector()
-        if audio:
-            model.audio_projector = model._build_audio_projector()
+        model.vision_tower, model.audio_tower = vision_tower, audio_tower
+        if vision_tower is not None:
+            model.vision_projector = model._build_projector("vision")
+        if audio_tower is not None:
+            model.audio_projector = model._build_projector("audio")
         for projector in (model.vision_projector, model.audio_projector):
             if projector is not None:
                 projector.apply(model._init_weights)
         if dtype is not None:
             model.to(dtype)
+        return model
 
-        generation_config = language_model.generation_config
-        eos = generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        generation_config.eos_token_id = eos + [im_end] if im_end not in eos else eos
-        if generation_config.pad_token_id is None:
-            generation_config.pad_token_id = (
-                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0] if eos else None
-            )
-        generation_config.suppress_tokens = model.generation_config.suppress_tokens
-        model.generation_config = generation_config
-
-        processor = MMPeftProcessor(
-            image_processor=load_without_code(AutoImageProcessor, vision) if vision else None,
-            feature_extractor=load_without_code(AutoFeatureExtractor, audio) if audio else None,
-            tokenizer=tokenizer,
-            chat_template=chat_template,
-            image_seq_length=config.num_image_tokens if vision else None,
-            audio_downsampling=config.audio_downsampling if audio else None,
-            audio_frames_per_token=config.audio_frames_per_token,
-        )
-        return model, processor
-
-    def _build_vision_projector(self) -> MMPeftProjector:
+    def _token_reduction(self, part: str) -> tuple[TokenReduction, int]:
+        """How the config has the tokens of `part` (`"vision"` / `"audio"`) reduced, and by what factor."""
         config = self.config
-        widen = VISION_TOKEN_REDUCTIONS[config.vision_token_reduction][1](config.vision_reduction_factor)
-        return MMPeftProjector(
-            config.vision_config.hidden_size * widen,
-            config.text_config.hidden_size,
-            config.vision_projector_type,
-            config.projector_hidden_act,
-        )
+        if part == "vision":
+            return VISION_TOKEN_REDUCTIONS[config.vision_token_reduction], config.vision_reduction_factor
+        return AUDIO_TOKEN_REDUCTION, config.audio_frames_per_token
 
-    def _build_audio_projector(self) -> MMPeftProjector:
+    def _build_projector(self, part: str) -> MMPeftProjector:
+        """A new projector for `part` (`"vision"` / `"audio"`), from its tower's tokens as its token reduction
+        widens them to the LM's embedding width."""
         config = self.config
+        reduction, factor = self._token_reduction(part)
         # Whisper calls its width `d_model`; most others `hidden_size`. `attribute_map` makes both work.
         return MMPeftProjector(
-            config.audio_config.hidden_size * config.audio_frames_per_token,
+            getattr(config, f"{part}_config").hidden_size * reduction.widen(factor),
             config.text_config.hidden_size,
-            config.audio_projector_type,
+            getattr(config, f"{part}_projector_type"),
             config.projector_hidden_act,
         )
 
@@ -384,9 +379,8 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         features = outputs.hidden_states[config.vision_feature_layer]
         if config.vision_feature_select_strategy == "default":
             features = features[:, -(config.vision_grid_size**2) :]  # drop CLS / register tokens
-        reduce = VISION_TOKEN_REDUCTIONS[config.vision_token_reduction][0]
-        features = reduce(features, config.vision_reduction_factor)
-        return self.vision_projector(features)
+        reduction, factor = self._token_reduction("vision")
+        return self.vision_projector(reduction.reduce(features, factor))
 
     def get_audio_features(
         self, audio_inputs: torch.Tensor, audio_mask: torch.Tensor
@@ -409,12 +403,51 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             attention_mask=audio_mask,
             return_dict=True,
         )
-        features = stack_frames(outputs.last_hidden_state, config.audio_frames_per_token)
+        reduction, factor = self._token_reduction("audio")
+        features = reduction.reduce(outputs.last_hidden_state, factor)
         lengths = [
             num_audio_tokens(length, config.audio_downsampling, config.audio_frames_per_token)
             for length in audio_mask.sum(-1).tolist()
         ]
         return self.audio_projector(features), torch.tensor(lengths, device=features.device)
+
+    def _image_tokens(self, pixel_values: torch.Tensor, mask: None = None) -> tuple[torch.Tensor, list[int]]:
+        """Image features in placeholder order, (num_images * num_image_tokens, hidden), and tokens per image
+        (images have no padding mask)."""
+        features = self.get_image_features(pixel_values)
+        return features.flatten(0, 1), [features.shape[1]] * features.shape[0]
+
+    def _audio_tokens(
+        self, audio_inputs: torch.Tensor, audio_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Audio features of the valid positions in placeholder order, (total tokens, hidden), and tokens per clip."""
+        if audio_mask is None:  # every position valid
+            audio_mask = torch.ones(
+                audio_inputs.shape[0], audio_inputs.shape[-1], dtype=torch.long, device=audio_inputs.device
+            )
+        features, lengths = self.get_audio_features(audio_inputs, audio_mask)
+        valid = torch.arange(features.shape[1], device=lengths.device) < lengths[:, None]
+        return features[valid], lengths.tolist()
+
+    # The media `forward` merges, in this order (every process runs the towers in the same order).
+    _modalities = (
+        Modality(
+            name="image",
+            part="vision",
+            inputs=(("pixel_values", None),),
+            inputs_description="`pixel_values`",
+            tokens=_image_tokens,
+            dummy_input_shape=lambda config: (1, config.num_channels, config.image_size, config.image_size),
+        ),
+        Modality(
+            name="audio",
+            part="audio",
+            inputs=tuple(AUDIO_MASK_NAMES.items()),
+            inputs_description="audio inputs (`input_features` / `input_values`)",
+            tokens=_audio_tokens,
+            dummy_input_shape=lambda config: encoder_spec("audio", config.model_type).dummy_input_shape(config),
+        ),
+    )
 
     def _scatter(self, input_ids, inputs_embeds, features, token_id, modality, tokens_per_item):
         """Put `features` (total_tokens, hidden) into the positions of `token_id`, checking counts first."""
@@ -430,13 +463,32 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             )
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features.to(inputs_embeds.dtype))
 
-    def _placeholder_inputs(self, modality: str, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """A zero input for the `modality` tower: one image, or one clip (a full window for log-mel encoders)."""
-        if modality == "image":
-            config = self.config.vision_config
-            return (like.new_zeros(1, config.num_channels, config.image_size, config.image_size),)
-        shape = DUMMY_AUDIO_SHAPES[self.audio_tower.main_input_name](self.config.audio_config)
-        return like.new_zeros(shape), torch.ones(shape[0], shape[-1], dtype=torch.long, device=like.device)
+    def _merge(
+        self,
+        modality: Modality,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        media: dict[str, torch.Tensor | None],
+        run_idle_tower: bool,
+    ) -> torch.Tensor:
+        """Merge one modality into `inputs_embeds`: the features of its inputs in `media` go into its placeholder
+        positions, their counts checked. Without inputs, `input_ids` must hold none of its placeholders, and with
+        `run_idle_tower` its tower (if any) runs on a dummy input and adds 0 x its output (see `forward`)."""
+        token_id = getattr(self.config, f"{modality.name}_token_id")
+        given = next(((name, mask) for name, mask in modality.inputs if media[name] is not None), None)
+        if given is not None:
+            name, mask = given
+            features, tokens_per_item = modality.tokens(self, media[name], media.get(mask))
+            return self._scatter(input_ids, inputs_embeds, features, token_id, modality.name, tokens_per_item)
+        if token_id is not None and (n := int((input_ids == token_id).sum())):
+            raise ValueError(
+                f"input_ids hold {n} {modality.name} tokens but no {modality.inputs_description} were given."
+            )
+        if getattr(self, f"{modality.part}_tower") is not None and run_idle_tower:
+            shape = modality.dummy_input_shape(getattr(self.config, f"{modality.part}_config"))
+            idle, _ = modality.tokens(self, inputs_embeds.new_zeros(shape), None)
+            inputs_embeds = inputs_embeds + 0.0 * idle.sum().to(inputs_embeds.dtype)
+        return inputs_embeds
 
     def forward(
         self,
@@ -475,14 +527,15 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             # A loss needs no cache, and a cache would hide packed (padding-free) batches from the LM: transformers
             # builds the per-sample attention mask from `position_ids` only when there is no cache.
             kwargs.setdefault("use_cache", False)
-        audio_inputs, audio_mask = (
-            (input_features, feature_attention_mask)
-            if input_features is not None
-            else (input_values, input_values_mask)
-        )
-        has_media = pixel_values is not None or audio_inputs is not None
+        media = {
+            "pixel_values": pixel_values,
+            "input_features": input_features,
+            "feature_attention_mask": feature_attention_mask,
+            "input_values": input_values,
+            "input_values_mask": input_values_mask,
+        }
         if inputs_embeds is not None:
-            if has_media:
+            if any(media[name] is not None for modality in self._modalities for name, _ in modality.inputs):
                 raise ValueError(
                     "Images and audio need `input_ids` (to find their placeholders), not `inputs_embeds`."
                 )
@@ -496,45 +549,8 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         # sharded weights collectively, so a rank that skipped it (its batch had no image) would deadlock the
         # others, and DDP without unused-parameter detection fails on parameters that got no gradient.
         run_idle_towers = _is_multi_process()
-
-        if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
-            tokens_per_image = [image_features.shape[1]] * image_features.shape[0]
-            inputs_embeds = self._scatter(
-                input_ids,
-                inputs_embeds,
-                image_features.flatten(0, 1),
-                self.config.image_token_id,
-                "image",
-                tokens_per_image,
-            )
-        else:
-            if self.config.image_token_id is not None and (n := int((input_ids == self.config.image_token_id).sum())):
-                raise ValueError(f"input_ids hold {n} image tokens but no `pixel_values` were given.")
-            if self.vision_tower is not None and run_idle_towers:
-                idle = self.get_image_features(*self._placeholder_inputs("image", inputs_embeds))
-                inputs_embeds = inputs_embeds + 0.0 * idle.sum().to(inputs_embeds.dtype)
-
-        if audio_inputs is not None:
-            if audio_mask is None:  # every position valid
-                audio_mask = torch.ones(
-                    audio_inputs.shape[0], audio_inputs.shape[-1], dtype=torch.long, device=audio_inputs.device
-                )
-            audio_features, lengths = self.get_audio_features(audio_inputs, audio_mask)
-            valid = torch.arange(audio_features.shape[1], device=lengths.device) < lengths[:, None]
-            inputs_embeds = self._scatter(
-                input_ids, inputs_embeds, audio_features[valid], self.config.audio_token_id, "audio", lengths.tolist()
-            )
-        else:
-            if self.config.audio_token_id is not None and (n := int((input_ids == self.config.audio_token_id).sum())):
-                raise ValueError(
-                    f"input_ids hold {n} audio tokens but no audio inputs (`input_features` / `input_values`) "
-                    "were given."
-                )
-            if self.audio_tower is not None and run_idle_towers:
-                idle, _ = self.get_audio_features(*self._placeholder_inputs("audio", inputs_embeds))
-                inputs_embeds = inputs_embeds + 0.0 * idle.sum().to(inputs_embeds.dtype)
-
+        for modality in self._modalities:
+            inputs_embeds = self._merge(modality, input_ids, inputs_embeds, media, run_idle_towers)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
 
@@ -561,4 +577,4 @@ def _first_misaligned_sample(tokens_per_sample: list[int], tokens_per_item: list
     return len(tokens_per_sample) - 1  # placeholders all matched: items are left over after the last sample
 
 
-__all__ = ["MMPeftForConditionalGeneration", "MMPeftPreTrainedModel", "MMPeftProjector"]
+__all__ = ["MMPeftForConditionalGeneration", "MMPeftPreTrainedModel", "MMPeftProjector", "TokenReduction"]

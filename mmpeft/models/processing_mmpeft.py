@@ -14,11 +14,13 @@ import numpy as np
 from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
 from transformers.processing_utils import ProcessorMixin
 
-from .configuration_mmpeft import num_audio_tokens
+from .configuration_mmpeft import AUDIO_MASK_NAMES, num_audio_tokens
 
 
 # Turn markers of the default chat template; `from_pretrained_parts` adds them to tokenizers that lack them.
 CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# Placeholders of the default chat template, each expanded to one image's or clip's tokens.
+IMAGE_TOKEN, AUDIO_TOKEN = "<image>", "<audio>"
 
 # ChatML with multimodal content parts: `{"type": "image"}`, `{"type": "audio"}`, `{"type": "text", "text": ...}`.
 DEFAULT_CHAT_TEMPLATE = (
@@ -84,9 +86,6 @@ def rendering_time_limit(conversations: int = 1):
     return time_limit(limit * conversations, f"chat template: rendering took over {limit:g} s")
 
 
-# Name of the padding mask the model takes next to each kind of audio input.
-AUDIO_MASK_NAMES = {"input_features": "feature_attention_mask", "input_values": "input_values_mask"}
-
 # Valid positions in the padding mask a feature extractor returns for a chunk of `n` samples, by extractor class:
 # what counting a clip's tokens needs, without computing its features (log-mel featurizing a chunk only to count
 # its frames was most of the cost of preparing a dataset). Extractors not listed here are asked with silence.
@@ -94,6 +93,15 @@ AUDIO_MASK_LENGTHS = {
     "WhisperFeatureExtractor": lambda extractor, n: -(-n // extractor.hop_length),  # its mask is taken every hop
     "Wav2Vec2FeatureExtractor": lambda extractor, n: n,  # one position per sample
 }
+
+
+def load_tokenizer_for_parts(text: str | os.PathLike, image: bool, audio: bool):
+    """The tokenizer of the LM at `text`, with the tokens a model composed from it needs added where missing: the
+    ChatML markers of the default chat template and the placeholders of the modalities it has."""
+    tokenizer = load_without_code(AutoTokenizer, text)
+    wanted = [*CHAT_SPECIAL_TOKENS, *([IMAGE_TOKEN] if image else []), *([AUDIO_TOKEN] if audio else [])]
+    tokenizer.add_tokens([token for token in wanted if token not in tokenizer.get_vocab()], special_tokens=True)
+    return tokenizer
 
 
 def load_without_code(auto_class, name_or_path, **kwargs):
@@ -140,8 +148,8 @@ class MMPeftProcessor(ProcessorMixin):
         feature_extractor=None,
         tokenizer=None,
         chat_template=None,
-        image_token="<image>",
-        audio_token="<audio>",
+        image_token=IMAGE_TOKEN,
+        audio_token=AUDIO_TOKEN,
         image_seq_length=None,
         audio_downsampling=None,
         audio_frames_per_token=1,
@@ -179,6 +187,35 @@ class MMPeftProcessor(ProcessorMixin):
         }
         self.get_attributes = lambda: list(present)
         super().__init__(**present, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+
+    @classmethod
+    def from_pretrained_parts(
+        cls,
+        config,
+        tokenizer,
+        vision: str | os.PathLike | None = None,
+        audio: str | os.PathLike | None = None,
+        chat_template: str | None = None,
+    ) -> "MMPeftProcessor":
+        """The processor of a model composed from pretrained parts, for
+        `MMPeftForConditionalGeneration.from_pretrained_parts`.
+
+        Args:
+            config: the composed model's `MMPeftConfig` (tokens per image, the audio encoder's downsampling).
+            tokenizer: the LM's tokenizer, with the tokens the model needs (`load_tokenizer_for_parts`).
+            vision: Hub id or directory of the vision encoder, whose image processor is loaded, or `None`.
+            audio: Hub id or directory of the audio encoder, whose feature extractor is loaded, or `None`.
+            chat_template: defaults to ChatML with image / audio / text parts.
+        """
+        return cls(
+            image_processor=load_without_code(AutoImageProcessor, vision) if vision else None,
+            feature_extractor=load_without_code(AutoFeatureExtractor, audio) if audio else None,
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+            image_seq_length=config.num_image_tokens if vision else None,
+            audio_downsampling=config.audio_downsampling if audio else None,
+            audio_frames_per_token=config.audio_frames_per_token,
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -320,11 +357,14 @@ class MMPeftProcessor(ProcessorMixin):
 
 
 __all__ = [
+    "AUDIO_TOKEN",
     "CHAT_SPECIAL_TOKENS",
     "CHAT_TEMPLATE_TIME_LIMIT",
     "ChatTemplateTimeout",
     "DEFAULT_CHAT_TEMPLATE",
+    "IMAGE_TOKEN",
     "MMPeftProcessor",
+    "load_tokenizer_for_parts",
     "load_without_code",
     "rendering_time_limit",
     "time_limit",

@@ -69,3 +69,83 @@ def test_text_and_one_modality(parts):
     _, clips = media(0, num_images=0, audio_seconds=(0.5,))
     inputs = processor(text=["<audio> hi"], audio=clips, return_tensors="pt")
     assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_new_encoder_family_is_one_row(parts, tmp_path, monkeypatch):
+    # DeiT (a CLS and a distillation token before its patches) and Moonshine (an encoder-decoder, like Whisper, but
+    # reading the waveform) are in transformers and not in the registries: one row each, and they compose.
+    from tiny_parts import AUDIO_PREPROCESSORS, image_processor
+    from transformers import DeiTConfig, DeiTModel, MoonshineConfig, MoonshineForConditionalGeneration
+
+    from mmpeft.models import modeling_mmpeft
+    from mmpeft.models.configuration_mmpeft import AUDIO_ENCODERS, VISION_ENCODERS, EncoderSpec
+
+    monkeypatch.setitem(
+        VISION_ENCODERS, "deit", EncoderSpec(prefix_tokens=lambda config: 2, unused_parts=("layernorm", "pooler"))
+    )
+    monkeypatch.setitem(
+        AUDIO_ENCODERS,
+        "moonshine",
+        EncoderSpec(
+            downsampling=lambda config: [(127, 64, 0), (7, 3, 0), (3, 2, 0)],  # conv1-3 of MoonshineEncoder
+            dummy_input_shape=lambda config: (1, 16000),
+            encoder_class=("transformers.models.moonshine.modeling_moonshine", "MoonshineEncoder"),
+            encoder_prefix="model.encoder.",
+        ),
+    )
+    root, _ = parts
+    torch.manual_seed(0)
+    vit = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    deit = DeiTModel(DeiTConfig(**vit, image_size=32, patch_size=8))
+    deit.save_pretrained(tmp_path / "deit")
+    image_processor().save_pretrained(tmp_path / "deit")
+    moonshine = MoonshineForConditionalGeneration(
+        MoonshineConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            encoder_num_hidden_layers=1,
+            decoder_num_hidden_layers=1,
+            encoder_num_attention_heads=2,
+            decoder_num_attention_heads=2,
+            vocab_size=100,
+        )
+    )
+    moonshine.save_pretrained(tmp_path / "moonshine")
+    AUDIO_PREPROCESSORS["wav2vec2"]().save_pretrained(tmp_path / "moonshine")
+
+    model, processor = MMPeftForConditionalGeneration.from_pretrained_parts(
+        text=root / "lm",
+        vision=tmp_path / "deit",
+        audio=tmp_path / "moonshine",
+        vision_feature_select_strategy="full",
+    )
+    assert type(model.audio_tower).__name__ == "MoonshineEncoder"  # the encoder only, with its weights
+    assert_same_weights(model.audio_tower, moonshine.model.encoder)
+    assert_same_weights(model.vision_tower, deit)
+    assert not any(name.startswith(("layernorm", "pooler")) for name in model.vision_tower.state_dict())
+
+    # Token counts: the prefix tokens of the row, and the downsampling of the row against the encoder's output.
+    images, clips = media(0, num_images=1, audio_seconds=(0.6,))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": "Hi"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=images, audio=clips, return_tensors="pt")
+    assert model.config.num_image_tokens == (32 // 8) ** 2 + 2
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == model.config.num_image_tokens
+    with torch.no_grad():
+        frames = model.audio_tower(inputs["input_values"]).last_hidden_state.shape[1]
+    assert int((inputs["input_ids"] == model.config.audio_token_id).sum()) == frames > 0
+
+    model.train()
+    outputs = model(**inputs, labels=inputs["input_ids"])
+    assert torch.isfinite(outputs.loss)
+    outputs.loss.backward()
+    for part in ("vision_tower", "audio_tower"):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model, part).parameters()), part
+
+    # Idle towers (as in multi-process training) run on the row's dummy input.
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(modeling_mmpeft, "_is_multi_process", lambda: True)
+    text_only = processor(text=["hello"], return_tensors="pt")
+    model(**text_only, labels=text_only["input_ids"]).loss.backward()
+    for part in ("vision_tower", "audio_tower"):
+        assert all(p.grad is not None for p in getattr(model, part).parameters() if p.requires_grad), part
