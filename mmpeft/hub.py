@@ -15,6 +15,7 @@ import shutil
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
+from .inference import merge_adapter
 from .models import MMPeftConfig
 from .summary import RUN_SUMMARY, RunSummary
 
@@ -210,8 +211,6 @@ def push_output(
     folder = output_dir
     adapter = os.path.exists(os.path.join(output_dir, "adapter_config.json"))
     if merge and adapter:
-        from .training.export import merge_adapter
-
         folder = merge_adapter(output_dir, output_dir.rstrip("/") + "-merged")
         for name in (RUN_SUMMARY, "eval_results.json"):
             if os.path.exists(os.path.join(output_dir, name)):

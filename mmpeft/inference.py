@@ -1,5 +1,6 @@
-"""Using what `recipes/finetune.py` wrote: loading any of its outputs for inference, and the batched greedy
-generation + scoring that training-time evaluation and `recipes/eval.py` share (so their numbers agree).
+"""Using what `recipes/finetune.py` wrote: loading any of its outputs for inference, the batched greedy
+generation + scoring that training-time evaluation and `recipes/eval.py` share (so their numbers agree), and
+merging a LoRA / QLoRA adapter into a plain checkpoint.
 
     model, processor = load_for_inference("outputs/tiny-lora")  # full weights, an adapter, or a merged export
 """
@@ -160,11 +161,29 @@ def evaluate_generation(
     return GenerationResults(scores, [None if i in failed else answer for i, answer in enumerate(answers)], failed)
 
 
+def merge_adapter(
+    adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
+) -> str:
+    """Merge the adapter in `adapter_dir` into its base loaded unquantized in `dtype` (QLoRA adapters too),
+    and save model + processor to `output_dir`: an ordinary checkpoint that needs neither PEFT nor the base.
+
+    The fully trained modules saved with the adapter (projectors, ...) replace the base's. Adapter and base are
+    read from safetensors files only (`load_for_inference`).
+    """
+    if output_kind(adapter_dir) != "adapter":
+        raise ValueError(f"{adapter_dir} holds full weights already: there is no adapter to merge.")
+    model, processor = load_for_inference(adapter_dir, dtype=dtype, quantized=False)
+    model.merge_and_unload().save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return str(output_dir)
+
+
 __all__ = [
     "GenerationResults",
     "adapter_quantization",
     "evaluate_generation",
     "generate_answers",
     "load_for_inference",
+    "merge_adapter",
     "output_kind",
 ]

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from mmpeft.training.export import merge_adapter
+from mmpeft.inference import merge_adapter
 
 
 def main():

@@ -17,8 +17,8 @@ from recipe_helpers import TINY, finetune
 from tiny_parts import build
 
 from mmpeft import MMPeftForConditionalGeneration, MMPeftProcessor
+from mmpeft.inference import merge_adapter
 from mmpeft.training.checkpoints import mark_complete
-from mmpeft.training.export import merge_adapter
 
 
 class Payload:

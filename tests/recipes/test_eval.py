@@ -14,8 +14,7 @@ import pytest
 import torch
 from recipe_helpers import REPO, TINY, finetune
 
-from mmpeft.inference import evaluate_generation
-from mmpeft.training.export import merge_adapter
+from mmpeft.inference import evaluate_generation, merge_adapter
 
 
 _spec = importlib.util.spec_from_file_location("evaluate_recipe", os.path.join(REPO, "recipes", "eval.py"))

@@ -11,8 +11,8 @@ from recipe_helpers import TINY, finetune, losses
 
 from mmpeft import MMPeftForConditionalGeneration, MMPeftProcessor
 from mmpeft.data import MMPeftDataCollator, MMPeftDataset
+from mmpeft.inference import merge_adapter
 from mmpeft.training import TuningArguments, precision_summary, quantization_config
-from mmpeft.training.export import merge_adapter
 
 
 TINY = [*TINY, "--report_to", "none", "--learning_rate", "3e-3", "--method", "qlora"]
