@@ -20,6 +20,7 @@ import time
 
 from mmpeft.report import log_report_to_wandb, run_record, write_report
 from mmpeft.training import parse_args
+from mmpeft.training.methods import METHODS
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +30,7 @@ import finetune  # noqa: E402  (the recipe next to this one)
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=finetune.DEFAULT_CONFIG, help="base config (default: the embedded one)")
-    parser.add_argument("--methods", default="full,lora,qlora", help="comma-separated: full, freeze, lora, qlora")
+    parser.add_argument("--methods", default="full,lora,qlora", help=f"comma-separated: {', '.join(METHODS)}")
     parser.add_argument("--output_dir", default="outputs/compare", help="runs go to <output_dir>/<method>")
     parser.add_argument("--group", default=None, help="W&B group (default: compare-<time>)")
     args, overrides = parser.parse_known_args(argv)

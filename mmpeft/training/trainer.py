@@ -27,8 +27,8 @@ from ..data.dataset import IGNORE_INDEX, SkipReport
 from ..data.streaming import StreamingDataset
 from ..inference import evaluate_generation
 from .checkpoints import clear_disk_full_error, mark_complete, unmark
+from .methods import PART_MODULES
 from .packing import check_padding_free_attention, use_packed_attention
-from .tuning import PART_MODULES
 
 
 # Parameters of the encoders, whatever wraps the model (PEFT, DDP).

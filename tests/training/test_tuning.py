@@ -113,3 +113,14 @@ def test_trainable_modules_are_checked_and_trained(tok):
 def test_inconsistent_settings_fail_fast(settings, message):
     with pytest.raises(ValueError, match=message):
         TuningArguments(**settings).components
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(method="dorra"), r"method: unknown method 'dorra'; choose from \['full', 'freeze', 'lora', 'qlora'"),
+    ],
+)
+def test_settings_outside_the_tables_are_refused_by_name(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TuningArguments(**settings)
