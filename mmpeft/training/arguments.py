@@ -8,6 +8,7 @@ suggests close matches. A setting that cannot work raises `ConfigError`, which t
 """
 
 import difflib
+import json
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -18,7 +19,7 @@ from huggingface_hub import try_to_load_from_cache
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..data.sources import MediaPolicy
-from .methods import METHODS, PART_MODULES, PART_TUNINGS, TuningMethod
+from .methods import METHODS, PART_MODULES, PART_TUNINGS, TuningMethod, check_lora_kwargs
 
 
 class ConfigError(ValueError):
@@ -258,6 +259,14 @@ class TuningArguments:
             "parts set to lora, except the LM's output layer."
         },
     )
+    lora_kwargs: dict | str | None = field(
+        default_factory=dict,
+        metadata={
+            "help": "Other peft.LoraConfig fields, passed through (e.g. {use_rslora: true, init_lora_weights: "
+            "pissa}; JSON on the command line). They override the method's own (dora's use_dora); the fields "
+            "set by the settings above (r, lora_alpha, lora_dropout, target_modules, modules_to_save) are refused."
+        },
+    )
 
     encoder_gradient_checkpointing: bool = field(
         default=True,
@@ -294,6 +303,16 @@ class TuningArguments:
             raise ConfigError(f"encoder_learning_rate_scale must be in (0, 1], got {self.encoder_learning_rate_scale}")
         if self.lora_r < 1:
             raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
+        self.lora_kwargs = _lora_kwargs(self.lora_kwargs)
+        try:
+            check_lora_kwargs(self.lora_kwargs)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if self.lora_kwargs and self.tuning_method.uses_adapter:
+            try:  # PEFT's own checks of the values (combinations it does not support), now rather than after the data
+                self.tuning_method.adapter(self, target_modules=".*", modules_to_save=None)
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"lora_kwargs {self.lora_kwargs}: {error}") from None
 
     @property
     def tuning_method(self) -> TuningMethod:
@@ -318,6 +337,20 @@ class TuningArguments:
         if self.tuning_method.uses_adapter and not uses_lora:
             raise ConfigError(f"method: {self.method} needs at least one part with *_tuning: lora.")
         return chosen
+
+
+def _lora_kwargs(value) -> dict:
+    """`lora_kwargs` as a dict: as given in YAML, or parsed from the JSON of a command-line flag."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"lora_kwargs: not a JSON object ({error}): {value}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"lora_kwargs: a mapping of peft.LoraConfig fields to values, got {value!r}")
+    return value
 
 
 @dataclass

@@ -3,10 +3,11 @@ quantizes the model. Adding a method is adding a row to `METHODS`: the arguments
 `setup_tuning`, `quantization_config` and the model loading all read the table."""
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from peft import LoraConfig, PeftConfig
+from peft import __version__ as PEFT_VERSION
 from transformers import BitsAndBytesConfig
 
 
@@ -53,9 +54,35 @@ class TuningMethod:
         return self.quantization is not None
 
 
+# LoraConfig fields that mmpeft sets from settings of its own, which `lora_kwargs` may therefore not set; besides
+# these, PeftConfig's own fields (task_type, inference_mode, ...) are PEFT's bookkeeping.
+LORA_FIELDS_SET_BY_MMPEFT = {
+    "r": "lora_r",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "target_modules": "lora_target_modules",
+    "modules_to_save": "trainable_modules or *_tuning: full",
+}
+
+
+def check_lora_kwargs(lora_kwargs: dict) -> None:
+    """Raise `ValueError`, naming the first offending key, unless every key of `lora_kwargs` is a `LoraConfig`
+    field that mmpeft passes through (not one it sets itself, nor PEFT's bookkeeping)."""
+    known = {f.name for f in fields(LoraConfig) if f.init}
+    bookkeeping = {f.name for f in fields(PeftConfig) if f.init}
+    for key in lora_kwargs:
+        if key in LORA_FIELDS_SET_BY_MMPEFT:
+            raise ValueError(f"lora_kwargs: {key!r} is set by mmpeft; set {LORA_FIELDS_SET_BY_MMPEFT[key]} instead")
+        if key in bookkeeping:
+            raise ValueError(f"lora_kwargs: {key!r} is set by mmpeft and PEFT themselves, not a LoRA setting")
+        if key not in known:
+            raise ValueError(f"lora_kwargs: {key!r} is not a field of peft.LoraConfig (peft {PEFT_VERSION})")
+
+
 def lora_config(args, target_modules: str, modules_to_save: list[str] | None, **settings) -> LoraConfig:
     """LoRA on the layers `target_modules` matches (`args.lora_target_modules` when set), with `modules_to_save`
-    trained fully and saved in the adapter. `settings` are the method's own further `LoraConfig` fields."""
+    trained fully and saved in the adapter. `settings` are the method's own further `LoraConfig` fields;
+    `args.lora_kwargs` come last and override them."""
     return LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -63,7 +90,7 @@ def lora_config(args, target_modules: str, modules_to_save: list[str] | None, **
         target_modules=args.lora_target_modules or target_modules,
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
-        **settings,
+        **{**settings, **args.lora_kwargs},
     )
 
 
@@ -103,11 +130,13 @@ METHODS = {
 
 
 __all__ = [
+    "LORA_FIELDS_SET_BY_MMPEFT",
     "METHODS",
     "PART_MODULES",
     "PART_TUNINGS",
     "TuningMethod",
     "bitsandbytes_config",
+    "check_lora_kwargs",
     "compute_dtype",
     "lora_config",
 ]

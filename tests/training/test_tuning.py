@@ -91,6 +91,13 @@ def test_lora_targets_the_lm_only_and_not_its_head(tok):
     assert "lm_head" not in pattern
 
 
+def test_lora_kwargs_reach_the_adapter_config(tok):
+    model, _ = build(tok=tok)
+    model = setup_tuning(model, TuningArguments(method="lora", lora_kwargs={"use_rslora": True, "bias": "lora_only"}))
+    config = model.peft_config["default"]
+    assert config.use_rslora and config.bias == "lora_only" and config.r == 16
+
+
 def test_trainable_modules_are_checked_and_trained(tok):
     model, processor = build(tok=tok)
     with pytest.raises(ValueError, match=r"trainable_modules: the model has no module 'language_model.nope'"):
@@ -119,6 +126,13 @@ def test_inconsistent_settings_fail_fast(settings, message):
     "settings,message",
     [
         (dict(method="dorra"), r"method: unknown method 'dorra'; choose from \['full', 'freeze', 'lora', 'qlora'"),
+        (dict(lora_kwargs={"use_dorra": True}), r"lora_kwargs: 'use_dorra' is not a field of peft.LoraConfig"),
+        (dict(lora_kwargs={"r": 8}), r"lora_kwargs: 'r' is set by mmpeft; set lora_r instead"),
+        (dict(lora_kwargs={"task_type": "SEQ_CLS"}), r"lora_kwargs: 'task_type' is set by mmpeft and PEFT"),
+        (
+            dict(lora_kwargs={"layers_pattern": "layers"}),
+            r"`layers_pattern` cannot be used when `target_modules` is a str",
+        ),
     ],
 )
 def test_settings_outside_the_tables_are_refused_by_name(settings, message):
