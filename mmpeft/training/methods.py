@@ -4,6 +4,7 @@ quantizes the model. Adding a method is adding a row to `METHODS`: the arguments
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 from peft import LoraConfig, PeftConfig
@@ -81,8 +82,8 @@ def check_lora_kwargs(lora_kwargs: dict) -> None:
 
 def lora_config(args, target_modules: str, modules_to_save: list[str] | None, **settings) -> LoraConfig:
     """LoRA on the layers `target_modules` matches (`args.lora_target_modules` when set), with `modules_to_save`
-    trained fully and saved in the adapter. `settings` are the method's own further `LoraConfig` fields;
-    `args.lora_kwargs` come last and override them."""
+    trained fully and saved in the adapter. `settings` are the method's own `LoraConfig` fields (DoRA:
+    `use_dora=True`); `args.lora_kwargs` come last and override them."""
     return LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -126,6 +127,7 @@ METHODS = {
     "freeze": TuningMethod("train projectors + LM, encoders frozen", ENCODERS_FROZEN),
     "lora": TuningMethod("LoRA on the LM, projectors trained fully", LORA_ON_LM, adapter=lora_config),
     "qlora": TuningMethod("lora on a 4/8-bit LM", LORA_ON_LM, adapter=lora_config, quantization=bitsandbytes_config),
+    "dora": TuningMethod("lora with DoRA (use_dora)", LORA_ON_LM, adapter=partial(lora_config, use_dora=True)),
 }
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_parts import build, media
 
-from mmpeft.training import TuningArguments, count_parameters, setup_tuning
+from mmpeft.training import TuningArguments, count_parameters, parse_args, setup_tuning
 from mmpeft.training.tuning import lora_target_regex
 
 
@@ -98,6 +98,16 @@ def test_lora_kwargs_reach_the_adapter_config(tok):
     assert config.use_rslora and config.bias == "lora_only" and config.r == 16
 
 
+def test_dora_is_one_row_lora_with_use_dora(tok):
+    model, processor = build(tok=tok)
+    tuning_args = parse_args(["--method", "dora", "--lora_kwargs", '{"use_rslora": true}', "--report_to", "none"])[2]
+    model = setup_tuning(model, tuning_args)
+    config = model.peft_config["default"]
+    assert config.use_dora and config.use_rslora
+    changed = changed_by_one_step(model, batch(processor))
+    assert any(".lora_magnitude_vector." in name for name in changed)  # DoRA's own weights train
+
+
 def test_trainable_modules_are_checked_and_trained(tok):
     model, processor = build(tok=tok)
     with pytest.raises(ValueError, match=r"trainable_modules: the model has no module 'language_model.nope'"):
@@ -133,6 +143,7 @@ def test_inconsistent_settings_fail_fast(settings, message):
             dict(lora_kwargs={"layers_pattern": "layers"}),
             r"`layers_pattern` cannot be used when `target_modules` is a str",
         ),
+        (dict(method="dora", lora_kwargs={"lora_bias": True}), r"lora_bias=True is not supported for DoRA"),
     ],
 )
 def test_settings_outside_the_tables_are_refused_by_name(settings, message):
