@@ -8,7 +8,6 @@ from transformers import BitsAndBytesConfig
 
 from .arguments import TuningArguments
 from .methods import compute_dtype
-from .tuning import numel
 
 
 def quantization_config(args: TuningArguments) -> BitsAndBytesConfig | None:
@@ -18,10 +17,15 @@ def quantization_config(args: TuningArguments) -> BitsAndBytesConfig | None:
     return method.quantization(args) if method.quantized else None
 
 
+def _numel(parameter) -> int:
+    """Number of elements, also of a parameter that ZeRO-3 has sharded away (it keeps the count in `ds_numel`)."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
 def _precision(parameter: torch.nn.Parameter) -> tuple[str, int, int]:
     """`(precision, logical number of weights, bytes held)` of a parameter, seeing through bitsandbytes'
     packing (two 4-bit weights per byte) and ZeRO-3 sharding."""
-    kind, size = type(parameter).__name__, numel(parameter)
+    kind, size = type(parameter).__name__, _numel(parameter)
     if kind == "Params4bit":
         return "4-bit", 2 * size * parameter.element_size(), size * parameter.element_size()
     if kind == "Int8Params":

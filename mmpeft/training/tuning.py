@@ -1,9 +1,9 @@
-"""What gets trained: per-part `frozen | lora | full`, adapters through PEFT, and an exact parameter count."""
+"""What gets trained: per-part `frozen | lora | full`, adapters through PEFT, and PEFT's parameter count."""
 
 import logging
 import re
 
-from peft import get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -27,22 +27,11 @@ def lora_target_regex(model, module_names: list[str]) -> str:
     return rf"({'|'.join(map(re.escape, module_names))})\.(.*\.)?({'|'.join(sorted(leaves))})"
 
 
-def numel(parameter) -> int:
-    """Number of elements, also of a parameter that ZeRO-3 has sharded away (it keeps the count in `ds_numel`)."""
-    return getattr(parameter, "ds_numel", parameter.numel())
-
-
-def count_parameters(model) -> tuple[int, int]:
-    """`(trainable, total)` parameter counts (shared tensors counted once)."""
-    seen, trainable, total = set(), 0, 0
-    for parameter in model.parameters():
-        if id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
-        count = numel(parameter)
-        total += count
-        trainable += count if parameter.requires_grad else 0
-    return trainable, total
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """`(trainable, total)` parameter counts of any module, PEFT's (`PeftModel.get_nb_trainable_parameters`, which
+    PEFT itself applies to plain models): a 4-bit weight counts as its logical number of weights (bitsandbytes packs
+    two per byte), a parameter sharded away by ZeRO-3 as its `ds_numel`, a shared tensor once."""
+    return PeftModel.get_nb_trainable_parameters(model)
 
 
 def setup_tuning(model, args: TuningArguments):
@@ -94,4 +83,4 @@ def describe_trainable(model) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PART_MODULES", "count_parameters", "numel", "describe_trainable", "lora_target_regex", "setup_tuning"]
+__all__ = ["PART_MODULES", "count_parameters", "describe_trainable", "lora_target_regex", "setup_tuning"]

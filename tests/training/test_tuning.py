@@ -4,6 +4,7 @@ optimizer step actually changes."""
 import pytest
 import torch
 from tiny_parts import build, media
+from torch import nn
 
 from mmpeft.training import TuningArguments, count_parameters, parse_args, setup_tuning
 from mmpeft.training.tuning import lora_target_regex
@@ -149,3 +150,12 @@ def test_inconsistent_settings_fail_fast(settings, message):
 def test_settings_outside_the_tables_are_refused_by_name(settings, message):
     with pytest.raises(ValueError, match=message):
         TuningArguments(**settings)
+
+
+def test_count_parameters_counts_shared_tensors_once_and_zero3_shards_whole():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(3, 5))
+    model[1].weight = model[0].weight  # tied: 16 + 4 + 4 in the first two
+    model[1].bias.requires_grad_(False)
+    sharded = model[2].weight
+    sharded.data, sharded.ds_numel = torch.empty(0), 15  # as ZeRO-3 leaves a parameter held by another rank
+    assert count_parameters(model) == (16 + 4 + 15 + 5, 16 + 4 + 4 + 15 + 5)
