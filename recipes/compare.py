@@ -19,6 +19,7 @@ import time
 
 from mmpeft.report import log_report_to_wandb, run_record, write_report
 from mmpeft.training import configure_logging, parse_args, run
+from mmpeft.training.methods import METHODS
 
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny_lora.yaml")
@@ -27,7 +28,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="base config (default: the embedded one)")
-    parser.add_argument("--methods", default="full,lora,qlora", help="comma-separated: full, freeze, lora, qlora")
+    parser.add_argument("--methods", default="full,lora,qlora", help=f"comma-separated: {', '.join(METHODS)}")
     parser.add_argument("--output_dir", default="outputs/compare", help="runs go to <output_dir>/<method>")
     parser.add_argument("--group", default=None, help="W&B group (default: compare-<time>)")
     args, overrides = parser.parse_known_args(argv)

@@ -8,6 +8,7 @@ suggests close matches. A setting that cannot work raises `ConfigError`, which t
 """
 
 import difflib
+import json
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -18,6 +19,7 @@ from huggingface_hub import try_to_load_from_cache
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..data.sources import MediaPolicy
+from .methods import METHODS, PART_MODULES, PART_TUNINGS, TuningMethod, check_lora_kwargs
 
 
 class ConfigError(ValueError):
@@ -222,17 +224,17 @@ def _dataset_spec(spec, name: str) -> dict:
 
 @dataclass
 class TuningArguments:
-    method: Literal["full", "freeze", "lora", "qlora"] = field(
+    method: Literal[tuple(METHODS)] = field(
         default="lora",
         metadata={
-            "help": "full: train every part. freeze: train projectors + LM, encoders frozen. lora: LoRA on the LM, "
-            "projectors trained fully. qlora: lora on a 4/8-bit LM. Each *_tuning below overrides its part."
+            "help": ". ".join(f"{name}: {method.help}" for name, method in METHODS.items())
+            + ". Each *_tuning below overrides its part."
         },
     )
-    vision_tuning: Literal["frozen", "lora", "full"] | None = field(default=None, metadata={"help": "Vision tower."})
-    audio_tuning: Literal["frozen", "lora", "full"] | None = field(default=None, metadata={"help": "Audio tower."})
-    projector_tuning: Literal["frozen", "lora", "full"] | None = field(default=None, metadata={"help": "Projectors."})
-    language_tuning: Literal["frozen", "lora", "full"] | None = field(default=None, metadata={"help": "The LM."})
+    vision_tuning: Literal[PART_TUNINGS] | None = field(default=None, metadata={"help": "Vision tower."})
+    audio_tuning: Literal[PART_TUNINGS] | None = field(default=None, metadata={"help": "Audio tower."})
+    projector_tuning: Literal[PART_TUNINGS] | None = field(default=None, metadata={"help": "Projectors."})
+    language_tuning: Literal[PART_TUNINGS] | None = field(default=None, metadata={"help": "The LM."})
     trainable_modules: list[str] = field(
         default_factory=list,
         metadata={
@@ -255,6 +257,14 @@ class TuningArguments:
         metadata={
             "help": "Regex (full match on module names) of the layers to adapt. Default: every linear layer of the "
             "parts set to lora, except the LM's output layer."
+        },
+    )
+    lora_kwargs: dict | str | None = field(
+        default_factory=dict,
+        metadata={
+            "help": "Other peft.LoraConfig fields, passed through (e.g. {use_rslora: true, init_lora_weights: "
+            "pissa}; JSON on the command line). They override the method's own (dora's use_dora); the fields "
+            "set by the settings above (r, lora_alpha, lora_dropout, target_modules, modules_to_save) are refused."
         },
     )
 
@@ -284,41 +294,63 @@ class TuningArguments:
     )
 
     def __post_init__(self):
-        unknown = set(self.quantized_parts) - set(METHOD_DEFAULTS["full"])
+        if self.method not in METHODS:
+            raise ConfigError(f"method: unknown method {self.method!r}; choose from {list(METHODS)}")
+        unknown = set(self.quantized_parts) - set(PART_MODULES)
         if unknown:
-            raise ConfigError(
-                f"quantized_parts: unknown parts {sorted(unknown)}; choose from {list(METHOD_DEFAULTS['full'])}"
-            )
+            raise ConfigError(f"quantized_parts: unknown parts {sorted(unknown)}; choose from {list(PART_MODULES)}")
         if not 0 < self.encoder_learning_rate_scale <= 1:
             raise ConfigError(f"encoder_learning_rate_scale must be in (0, 1], got {self.encoder_learning_rate_scale}")
         if self.lora_r < 1:
             raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
+        self.lora_kwargs = _lora_kwargs(self.lora_kwargs)
+        try:
+            check_lora_kwargs(self.lora_kwargs)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if self.lora_kwargs and self.tuning_method.uses_adapter:
+            try:  # PEFT's own checks of the values (combinations it does not support), now rather than after the data
+                self.tuning_method.adapter(self, target_modules=".*", modules_to_save=None)
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"lora_kwargs {self.lora_kwargs}: {error}") from None
+
+    @property
+    def tuning_method(self) -> TuningMethod:
+        """The row of `METHODS` that `method` names."""
+        return METHODS[self.method]
 
     @property
     def components(self) -> dict[str, str]:
         """`{part: frozen | lora | full}` after applying the method's defaults."""
-        chosen = dict(METHOD_DEFAULTS[self.method])
+        chosen = dict(self.tuning_method.parts)
         for part in chosen:
             override = getattr(self, f"{part}_tuning")
             if override is not None:
                 chosen[part] = override
         uses_lora = "lora" in chosen.values()
-        if self.method in ("full", "freeze") and uses_lora:
+        if not self.tuning_method.uses_adapter and uses_lora:
+            adapters = [name for name, method in METHODS.items() if method.uses_adapter]
             raise ConfigError(
-                f"method: {self.method} trains without adapters; set method: lora to use *_tuning: lora."
+                f"method: {self.method} trains without adapters; set method: {' / '.join(adapters)} to use "
+                "*_tuning: lora."
             )
-        if self.method in ("lora", "qlora") and not uses_lora:
+        if self.tuning_method.uses_adapter and not uses_lora:
             raise ConfigError(f"method: {self.method} needs at least one part with *_tuning: lora.")
         return chosen
 
 
-# What each method trains, per part (torchtune-style): the per-part *_tuning settings override these.
-METHOD_DEFAULTS = {
-    "full": {"vision": "full", "audio": "full", "projector": "full", "language": "full"},
-    "freeze": {"vision": "frozen", "audio": "frozen", "projector": "full", "language": "full"},
-    "lora": {"vision": "frozen", "audio": "frozen", "projector": "full", "language": "lora"},
-    "qlora": {"vision": "frozen", "audio": "frozen", "projector": "full", "language": "lora"},
-}
+def _lora_kwargs(value) -> dict:
+    """`lora_kwargs` as a dict: as given in YAML, or parsed from the JSON of a command-line flag."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"lora_kwargs: not a JSON object ({error}): {value}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"lora_kwargs: a mapping of peft.LoraConfig fields to values, got {value!r}")
+    return value
 
 
 @dataclass
@@ -520,7 +552,6 @@ __all__ = [
     "ARGUMENT_CLASSES",
     "ConfigError",
     "DataArguments",
-    "METHOD_DEFAULTS",
     "MMPeftTrainingArguments",
     "ModelArguments",
     "TuningArguments",

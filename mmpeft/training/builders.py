@@ -16,6 +16,7 @@ from ..data.synthetic import VERSION as SYNTHETIC_VERSION
 from ..models import MMPeftForConditionalGeneration, MMPeftProcessor
 from ..reference import build_reference_checkpoint
 from .arguments import DataArguments, MMPeftTrainingArguments, ModelArguments, check_model_path
+from .methods import METHODS
 
 
 logger = logging.getLogger(__name__)
@@ -51,9 +52,10 @@ def load_model(args: ModelArguments, quantization_config=None):
         setattr(args, name, check_model_path(name, getattr(args, name)))
     if args.text_model:
         if quantization_config is not None:
+            quantized = " / ".join(name for name, method in METHODS.items() if method.quantized)
             raise ValueError(
-                "qlora loads a saved mmpeft checkpoint: compose the parts once (from_pretrained_parts + "
-                "save_pretrained), then set model_name_or_path to that folder."
+                f"method: {quantized} loads a saved mmpeft checkpoint: compose the parts once (from_pretrained_parts "
+                "+ save_pretrained), then set model_name_or_path to that folder."
             )
         return MMPeftForConditionalGeneration.from_pretrained_parts(
             text=args.text_model,

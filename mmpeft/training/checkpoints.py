@@ -38,7 +38,7 @@ RUN_SETTINGS = {
     ),
     "tuning": (
         "method", "vision_tuning", "audio_tuning", "projector_tuning", "language_tuning", "trainable_modules",
-        "encoder_learning_rate_scale", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+        "encoder_learning_rate_scale", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_kwargs",
         "quantization_bits", "quantization_type", "double_quant", "quantized_parts", "keep_unquantized",
     ),
     "training": (

@@ -1,5 +1,5 @@
-"""QLoRA's quantization policy: which parts of the omni model are loaded in 4 / 8 bits through bitsandbytes,
-and a report of what ended up in which precision."""
+"""Quantized loading: the bitsandbytes config a run's method loads the model with (the policy itself is the method's,
+in `mmpeft.training.methods`), and a report of what ended up in which precision."""
 
 from collections import defaultdict
 
@@ -7,40 +7,25 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from .arguments import TuningArguments
-from .tuning import PART_MODULES, numel
-
-
-def compute_dtype() -> torch.dtype:
-    """bf16 where the accelerator supports it, else float32 (CPU bf16 matmuls are slow on most CPUs)."""
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+from .methods import compute_dtype
 
 
 def quantization_config(args: TuningArguments) -> BitsAndBytesConfig | None:
-    """The bitsandbytes config of a `qlora` run, `None` otherwise.
+    """The bitsandbytes config the method of `args` loads the model with (e.g. qlora's 4 / 8-bit LM:
+    `mmpeft.training.methods.bitsandbytes_config`), `None` for a method that loads it unquantized."""
+    method = args.tuning_method
+    return method.quantization(args) if method.quantized else None
 
-    Parts not in `args.quantized_parts` and the modules in `args.keep_unquantized` stay unquantized. The skip
-    list is always given in full: once bitsandbytes gets one it stops skipping `lm_head` by itself.
-    """
-    if args.method != "qlora":
-        return None
-    keep = [m for part, modules in PART_MODULES.items() if part not in args.quantized_parts for m in modules]
-    keep += args.keep_unquantized
-    if args.quantization_bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=args.quantization_type,
-        bnb_4bit_use_double_quant=args.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype(),
-        bnb_4bit_quant_storage=torch.uint8,
-        llm_int8_skip_modules=keep,
-    )
+
+def _numel(parameter) -> int:
+    """Number of elements, also of a parameter that ZeRO-3 has sharded away (it keeps the count in `ds_numel`)."""
+    return getattr(parameter, "ds_numel", parameter.numel())
 
 
 def _precision(parameter: torch.nn.Parameter) -> tuple[str, int, int]:
     """`(precision, logical number of weights, bytes held)` of a parameter, seeing through bitsandbytes'
     packing (two 4-bit weights per byte) and ZeRO-3 sharding."""
-    kind, size = type(parameter).__name__, numel(parameter)
+    kind, size = type(parameter).__name__, _numel(parameter)
     if kind == "Params4bit":
         return "4-bit", 2 * size * parameter.element_size(), size * parameter.element_size()
     if kind == "Int8Params":

@@ -48,7 +48,7 @@ HYPERPARAMETERS = (
     "seed",
 )
 SHOWN_METRICS = ("eval_accuracy", "eval_loss", "eval_wer", "eval_bleu")  # in the run's last line
-LORA_HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout")
+LORA_HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "lora_kwargs")
 
 
 class TrainingStopped(Exception):
@@ -185,7 +185,7 @@ class Run:
                 **{name: getattr(args, name) for name in HYPERPARAMETERS},
                 **(
                     {name: getattr(tuning_args, name) for name in LORA_HYPERPARAMETERS}
-                    if tuning_args.method in ("lora", "qlora")
+                    if tuning_args.tuning_method.uses_adapter
                     else {}
                 ),
             },

@@ -21,8 +21,8 @@ from ..data.streaming import StreamingDataset
 from ..inference import evaluate_generation
 from .callbacks import DataClock, PeakMemory, StopOnSignalCallback
 from .checkpoints import clear_disk_full_error, mark_complete, unmark
+from .methods import PART_MODULES
 from .packing import check_padding_free_attention, use_packed_attention
-from .tuning import PART_MODULES
 
 
 # Parameters of the encoders, whatever wraps the model (PEFT, DDP).

@@ -1,24 +1,17 @@
-"""What gets trained: per-part `frozen | lora | full`, LoRA through PEFT, and an exact parameter count."""
+"""What gets trained: per-part `frozen | lora | full`, adapters through PEFT, and PEFT's parameter count."""
 
 import logging
 import re
 
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .arguments import TuningArguments
+from .methods import PART_MODULES
 
 
 logger = logging.getLogger(__name__)
-
-# Tuning part -> the model's root-level modules it covers.
-PART_MODULES = {
-    "vision": ("vision_tower",),
-    "audio": ("audio_tower",),
-    "projector": ("vision_projector", "audio_projector"),
-    "language": ("language_model",),
-}
 LINEAR_LAYERS = (nn.Linear, Conv1D)  # Conv1D: GPT-2's linear layers
 
 
@@ -34,22 +27,11 @@ def lora_target_regex(model, module_names: list[str]) -> str:
     return rf"({'|'.join(map(re.escape, module_names))})\.(.*\.)?({'|'.join(sorted(leaves))})"
 
 
-def numel(parameter) -> int:
-    """Number of elements, also of a parameter that ZeRO-3 has sharded away (it keeps the count in `ds_numel`)."""
-    return getattr(parameter, "ds_numel", parameter.numel())
-
-
-def count_parameters(model) -> tuple[int, int]:
-    """`(trainable, total)` parameter counts (shared tensors counted once)."""
-    seen, trainable, total = set(), 0, 0
-    for parameter in model.parameters():
-        if id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
-        count = numel(parameter)
-        total += count
-        trainable += count if parameter.requires_grad else 0
-    return trainable, total
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """`(trainable, total)` parameter counts of any module, PEFT's (`PeftModel.get_nb_trainable_parameters`, which
+    PEFT itself applies to plain models): a 4-bit weight counts as its logical number of weights (bitsandbytes packs
+    two per byte), a parameter sharded away by ZeRO-3 as its `ds_numel`, a shared tensor once."""
+    return PeftModel.get_nb_trainable_parameters(model)
 
 
 def setup_tuning(model, args: TuningArguments):
@@ -65,7 +47,8 @@ def setup_tuning(model, args: TuningArguments):
         except AttributeError as error:
             raise ValueError(f"trainable_modules: the model has no module {name!r}") from error
 
-    if args.method == "qlora":
+    method = args.tuning_method
+    if method.quantized:
         # Freeze and prepare the quantized LM only: PEFT's helper upcasts every non-quantized parameter to
         # fp32, which the encoders do not need.
         prepare_model_for_kbit_training(model.language_model, use_gradient_checkpointing=False)
@@ -77,14 +60,11 @@ def setup_tuning(model, args: TuningArguments):
             model.get_submodule(name).requires_grad_(True)
         return model
 
-    config = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=args.lora_target_modules or lora_target_regex(model, lora_modules),
+    config = method.adapter(
+        args,
+        target_modules=lora_target_regex(model, lora_modules),
         # Fully trained parts live in the adapter checkpoint too, so a LoRA run never loses its projectors.
         modules_to_save=[*full_modules, *args.trainable_modules] or None,
-        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
 
@@ -103,4 +83,4 @@ def describe_trainable(model) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PART_MODULES", "count_parameters", "numel", "describe_trainable", "lora_target_regex", "setup_tuning"]
+__all__ = ["PART_MODULES", "count_parameters", "describe_trainable", "lora_target_regex", "setup_tuning"]

@@ -67,6 +67,15 @@ def test_a_config_that_is_not_a_mapping_of_settings_is_one_line(tmp_path, text, 
     assert "\n" not in str(error.value)
 
 
+def test_lora_kwargs_come_from_yaml_or_as_json_from_the_command_line(tmp_path):
+    path = config(tmp_path, "lora_kwargs: {use_rslora: true}\n")
+    assert parse_args(["--config", path])[2].lora_kwargs == {"use_rslora": True}
+    tuning_args = parse_args(["--config", path, "--lora_kwargs", '{"init_lora_weights": "gaussian"}'])[2]
+    assert tuning_args.lora_kwargs == {"init_lora_weights": "gaussian"}
+    with pytest.raises(ConfigError, match=r"lora_kwargs: not a JSON object"):
+        parse_args(["--lora_kwargs", "{init_lora_weights: gaussian}"])
+
+
 def test_config_needs_a_path_to_an_existing_file(tmp_path):
     with pytest.raises(ConfigError, match=r"^--config needs a YAML file path"):
         parse_args(["--learning_rate", "0.1", "--config"])

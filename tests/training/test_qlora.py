@@ -12,7 +12,7 @@ from recipe_helpers import TINY, finetune, losses
 from mmpeft import MMPeftForConditionalGeneration, MMPeftProcessor
 from mmpeft.data import MMPeftDataCollator, MMPeftDataset
 from mmpeft.inference import merge_adapter
-from mmpeft.training import TuningArguments, precision_summary, quantization_config
+from mmpeft.training import TuningArguments, count_parameters, precision_summary, quantization_config, setup_tuning
 
 
 TINY = [*TINY, "--report_to", "none", "--learning_rate", "3e-3", "--method", "qlora"]
@@ -43,6 +43,20 @@ def test_policy_keeps_encoders_projectors_and_head_unquantized():
     assert quantization_config(TuningArguments(method="lora")) is None
     with pytest.raises(ValueError, match=r"quantized_parts: unknown parts \['decoder'\]"):
         TuningArguments(method="qlora", quantized_parts=["decoder"])
+
+
+def test_parameter_counts_see_through_4_bit_packing(reference_dir):
+    plain = MMPeftForConditionalGeneration.from_pretrained(reference_dir)
+    config = quantization_config(TuningArguments(method="qlora"))
+    quantized = MMPeftForConditionalGeneration.from_pretrained(reference_dir, quantization_config=config)
+    assert any(isinstance(parameter, bnb.nn.Params4bit) for parameter in quantized.parameters())
+    # Two 4-bit weights per byte of storage, counted as two: the same total as the unquantized model's.
+    total = count_parameters(plain)[1]
+    assert count_parameters(quantized)[1] == total
+    assert sum(kind["params"] for kinds in precision_summary(quantized).values() for kind in kinds.values()) == total
+    lora = setup_tuning(plain, TuningArguments(method="lora"))
+    qlora = setup_tuning(quantized, TuningArguments(method="qlora"))
+    assert count_parameters(qlora) == qlora.get_nb_trainable_parameters() == count_parameters(lora)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -4,8 +4,9 @@ optimizer step actually changes."""
 import pytest
 import torch
 from tiny_parts import build, media
+from torch import nn
 
-from mmpeft.training import TuningArguments, count_parameters, setup_tuning
+from mmpeft.training import TuningArguments, count_parameters, parse_args, setup_tuning
 from mmpeft.training.tuning import lora_target_regex
 
 
@@ -91,6 +92,23 @@ def test_lora_targets_the_lm_only_and_not_its_head(tok):
     assert "lm_head" not in pattern
 
 
+def test_lora_kwargs_reach_the_adapter_config(tok):
+    model, _ = build(tok=tok)
+    model = setup_tuning(model, TuningArguments(method="lora", lora_kwargs={"use_rslora": True, "bias": "lora_only"}))
+    config = model.peft_config["default"]
+    assert config.use_rslora and config.bias == "lora_only" and config.r == 16
+
+
+def test_dora_is_one_row_lora_with_use_dora(tok):
+    model, processor = build(tok=tok)
+    tuning_args = parse_args(["--method", "dora", "--lora_kwargs", '{"use_rslora": true}', "--report_to", "none"])[2]
+    model = setup_tuning(model, tuning_args)
+    config = model.peft_config["default"]
+    assert config.use_dora and config.use_rslora
+    changed = changed_by_one_step(model, batch(processor))
+    assert any(".lora_magnitude_vector." in name for name in changed)  # DoRA's own weights train
+
+
 def test_trainable_modules_are_checked_and_trained(tok):
     model, processor = build(tok=tok)
     with pytest.raises(ValueError, match=r"trainable_modules: the model has no module 'language_model.nope'"):
@@ -113,3 +131,31 @@ def test_trainable_modules_are_checked_and_trained(tok):
 def test_inconsistent_settings_fail_fast(settings, message):
     with pytest.raises(ValueError, match=message):
         TuningArguments(**settings).components
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(method="dorra"), r"method: unknown method 'dorra'; choose from \['full', 'freeze', 'lora', 'qlora'"),
+        (dict(lora_kwargs={"use_dorra": True}), r"lora_kwargs: 'use_dorra' is not a field of peft.LoraConfig"),
+        (dict(lora_kwargs={"r": 8}), r"lora_kwargs: 'r' is set by mmpeft; set lora_r instead"),
+        (dict(lora_kwargs={"task_type": "SEQ_CLS"}), r"lora_kwargs: 'task_type' is set by mmpeft and PEFT"),
+        (
+            dict(lora_kwargs={"layers_pattern": "layers"}),
+            r"`layers_pattern` cannot be used when `target_modules` is a str",
+        ),
+        (dict(method="dora", lora_kwargs={"lora_bias": True}), r"lora_bias=True is not supported for DoRA"),
+    ],
+)
+def test_settings_outside_the_tables_are_refused_by_name(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TuningArguments(**settings)
+
+
+def test_count_parameters_counts_shared_tensors_once_and_zero3_shards_whole():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(3, 5))
+    model[1].weight = model[0].weight  # tied: 16 + 4 + 4 in the first two
+    model[1].bias.requires_grad_(False)
+    sharded = model[2].weight
+    sharded.data, sharded.ds_numel = torch.empty(0), 15  # as ZeRO-3 leaves a parameter held by another rank
+    assert count_parameters(model) == (16 + 4 + 15 + 5, 16 + 4 + 4 + 15 + 5)
