@@ -22,7 +22,7 @@ class RunSummary:
     before its end) are `None` / absent from `metrics`.
 
     Args:
-        method: the tuning method (`full`, `freeze`, `lora`, `qlora`, ...).
+        method: the tuning method (a key of `mmpeft.training.methods.METHODS`).
         trainable_params / total_params / trainable_fraction: parameter counts, as PEFT counts them.
         peak_memory_mb: peak accelerator memory, or resident memory on CPU, while training.
         hyperparameters: the training settings that shape the result (learning rate, steps, batch, LoRA rank ...).
@@ -31,7 +31,6 @@ class RunSummary:
         train_runtime / train_samples_per_second: the Trainer's figures for this process's training.
         tokens_per_second / data_wait_fraction: training throughput and the share of time spent waiting for data.
         metrics: evaluation metrics after training (`eval_loss`, `eval_accuracy`, `eval_accuracy_<task>` ...).
-        base_model / parts: the checkpoint trained, or the parts it was composed from.
     """
 
     method: str
