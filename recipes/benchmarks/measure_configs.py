@@ -1,7 +1,7 @@
 """Run recipe configs as a user would (`accelerate launch`, fresh cache) and print their figures as the
 Markdown table of recipes/configs/README.md.
 
-    python recipes/measure_configs.py tiny_lora tiny_full
+    python recipes/benchmarks/measure_configs.py tiny_lora tiny_full
 
 Wall time includes everything a first run does: start-up, building the reference model, generating and
 preparing the data, training, evaluation and saving. Peak memory is the training process's (RSS on CPU).
@@ -17,7 +17,7 @@ import tempfile
 import time
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RECIPES = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # finetune.py and configs/
 
 
 def measure(name: str, workdir: str) -> dict:
@@ -26,9 +26,9 @@ def measure(name: str, workdir: str) -> dict:
     command = [
         "accelerate",
         "launch",
-        os.path.join(HERE, "finetune.py"),
+        os.path.join(RECIPES, "finetune.py"),
         "--config",
-        os.path.join(HERE, "configs", f"{name}.yaml"),
+        os.path.join(RECIPES, "configs", f"{name}.yaml"),
         "--output_dir",
         output_dir,
         "--disable_tqdm",
