@@ -3,9 +3,10 @@ leave the local output intact and say how to retry.
 
 What is pushed: full weights for methods without an adapter (full, freeze); the adapter (with the fully trained
 modules such as the projectors) and a note of its base for methods with one (LoRA, QLoRA, DoRA: told apart by the
-output's files), or with `merge=True` the adapter merged into a 16-bit base. Always the processor, the model code needed for `trust_remote_code`, and a model card rendered from
-the template shipped in the package (`templates/model_card.md`, or one of your own). A push only reads the
-output folder: the card and the model code it lacks go into the commit from memory and from the package.
+output's files), or with `merge=True` the adapter merged into a 16-bit base. Always the processor, the model code
+needed for `trust_remote_code`, and a model card rendered from the template shipped in the package
+(`templates/model_card.md`, or one of your own). A push only reads the output folder: the card and the model code
+it lacks go into the commit from memory and from the package.
 """
 
 import json

@@ -1,5 +1,5 @@
-"""recipes/benchmark.py --quick: every run gives positive numbers, and the matched models really match (the part
-that could go wrong silently). Timings are measured, not checked: unit tests do not time things."""
+"""recipes/benchmarks/benchmark.py --quick: every run gives positive numbers, and the matched models really match
+(the part that could go wrong silently). Timings are measured, not checked: unit tests do not time things."""
 
 import json
 import os
@@ -9,13 +9,14 @@ import sys
 from recipe_helpers import REPO
 
 
-sys.path.insert(0, os.path.join(REPO, "recipes"))
+sys.path.insert(0, os.path.join(REPO, "recipes", "benchmarks"))
 import benchmark  # noqa: E402
 
 
 def test_benchmark_quick_runs_every_configuration_on_matched_models(tmp_path):
     output = tmp_path / "benchmark.json"
-    command = [sys.executable, os.path.join(REPO, "recipes", "benchmark.py"), "--quick", "--output", str(output)]
+    script = os.path.join(REPO, "recipes", "benchmarks", "benchmark.py")
+    command = [sys.executable, script, "--quick", "--output", str(output)]
     # Two runs at once, one thread each: timings do not matter here, wall time does.
     command += ["--jobs", "2", "--threads", "1", "--repeats", "1"]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)

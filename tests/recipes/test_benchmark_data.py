@@ -1,5 +1,5 @@
-"""recipes/benchmark_data.py --quick: every measurement of the data benchmark runs and is reported (numbers are
-not asserted: they depend on the machine)."""
+"""recipes/benchmarks/benchmark_data.py --quick: every measurement of the data benchmark runs and is reported
+(numbers are not asserted: they depend on the machine)."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ from recipe_helpers import REPO
 
 
 def test_benchmark_data_quick_measures_every_policy_and_restart(tmp_path):
-    command = [sys.executable, f"{REPO}/recipes/benchmark_data.py", "--quick", "--output", str(tmp_path)]
+    command = [sys.executable, f"{REPO}/recipes/benchmarks/benchmark_data.py", "--quick", "--output", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "benchmark_data.json").read_text())

@@ -1,5 +1,5 @@
-"""recipes/benchmark_serve.py at its smallest: every measurement runs against a real server (numbers are not
-asserted: they depend on the machine)."""
+"""recipes/benchmarks/benchmark_serve.py at its smallest: every measurement runs against a real server (numbers are
+not asserted: they depend on the machine)."""
 
 import os
 import sys
@@ -7,7 +7,7 @@ import sys
 from recipe_helpers import REPO
 
 
-sys.path.insert(0, os.path.join(REPO, "recipes"))
+sys.path.insert(0, os.path.join(REPO, "recipes", "benchmarks"))
 import benchmark_serve  # noqa: E402
 
 

@@ -1,9 +1,9 @@
 """Benchmark of the data path at scale: preparing, caching, memory-mapping and streaming manifests of 10k, 100k and
 1M records.
 
-    python recipes/benchmark_data.py                 # 10k, 100k, 1M records: ~35 min on 2 CPU cores
-    python recipes/benchmark_data.py --sizes 10000   # one size
-    python recipes/benchmark_data.py --quick         # 300 records, in ~30 s (the test suite runs it)
+    python recipes/benchmarks/benchmark_data.py                 # 10k, 100k, 1M records: ~35 min on 2 CPU cores
+    python recipes/benchmarks/benchmark_data.py --sizes 10000   # one size
+    python recipes/benchmarks/benchmark_data.py --quick         # 300 records, in ~30 s (the test suite runs it)
 
 Manifests (JSONL) reference a pool of generated media -- 640x480 JPEG photos-like images and 2-10 s 16 kHz WAV
 clips -- in image-only, audio-only, image + audio and text-only records of one to three turns. Processor: the tiny

@@ -1,8 +1,8 @@
 """Benchmark of recipes/serve.py's API: time to first token and tokens/s of streamed answers, one request at a time
 and several at once, over real HTTP on loopback.
 
-    python recipes/benchmark_serve.py                       # the tiny reference model, 8 requests
-    python recipes/benchmark_serve.py outputs/tiny-lora --requests 32 --concurrency 4 --max_tokens 64
+    python recipes/benchmarks/benchmark_serve.py                       # the tiny reference model, 8 requests
+    python recipes/benchmarks/benchmark_serve.py outputs/tiny-lora --requests 32 --concurrency 4 --max_tokens 64
 
 Each request sends an image (a data: URI), a WAV clip and a question, with `stream: true` and `temperature: 0`,
 and is measured on the client side: time to the first content chunk, and completion tokens (the server's usage

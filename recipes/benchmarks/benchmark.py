@@ -1,9 +1,9 @@
 """mmpeft against what a user would pick instead: training samples/s and peak memory on the same data.
 
-    python recipes/benchmark.py                          # ~10 minutes on 2 CPU cores (each run twice, best kept)
-    python recipes/benchmark.py --lm-vocab 0             # the LM's vocabulary cut to the tokenizer's 512
-    python recipes/benchmark.py --peak-tflops 989        # on a GPU: adds MFU against that peak (H100 bf16 dense)
-    python recipes/benchmark.py --quick                  # seconds: tiniest sizes, 2 steps (what the test runs)
+    python recipes/benchmarks/benchmark.py                     # ~10 minutes on 2 CPU cores (each run twice, best kept)
+    python recipes/benchmarks/benchmark.py --lm-vocab 0        # the LM's vocabulary cut to the tokenizer's 512
+    python recipes/benchmarks/benchmark.py --peak-tflops 989   # on a GPU: adds MFU against that peak (H100 bf16 dense)
+    python recipes/benchmarks/benchmark.py --quick             # seconds: tiniest sizes, 2 steps (what the test runs)
 
 Two pairs of matched models, each trained with a real `transformers.Trainer` and PEFT LoRA:
 - image + text: transformers' `LlavaForConditionalGeneration` against mmpeft with the same CLIP vision tower

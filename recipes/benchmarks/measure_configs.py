@@ -1,14 +1,13 @@
 """Run recipe configs as a user would (`accelerate launch`, fresh cache) and print their figures as the
 Markdown table of recipes/configs/README.md.
 
-    python recipes/measure_configs.py tiny_lora tiny_full
+    python recipes/benchmarks/measure_configs.py tiny_lora tiny_full
 
 Wall time includes everything a first run does: start-up, building the reference model, generating and
 preparing the data, training, evaluation and saving. Peak memory is the training process's (RSS on CPU).
 """
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -16,8 +15,10 @@ import sys
 import tempfile
 import time
 
+from mmpeft.summary import RunSummary
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+
+RECIPES = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # finetune.py and configs/
 
 
 def measure(name: str, workdir: str) -> dict:
@@ -26,9 +27,9 @@ def measure(name: str, workdir: str) -> dict:
     command = [
         "accelerate",
         "launch",
-        os.path.join(HERE, "finetune.py"),
+        os.path.join(RECIPES, "finetune.py"),
         "--config",
-        os.path.join(HERE, "configs", f"{name}.yaml"),
+        os.path.join(RECIPES, "configs", f"{name}.yaml"),
         "--output_dir",
         output_dir,
         "--disable_tqdm",
@@ -37,8 +38,7 @@ def measure(name: str, workdir: str) -> dict:
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    summary = json.load(open(os.path.join(output_dir, "run_summary.json")))
-    return {"config": name, "wall_s": wall, **summary}
+    return {"config": name, "wall_s": wall, **RunSummary.load(output_dir).to_dict()}
 
 
 def main():

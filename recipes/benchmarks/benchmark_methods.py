@@ -1,7 +1,7 @@
 """Peak memory and time per training step of full fine-tuning, LoRA and QLoRA on the same model and data.
 
-    python recipes/benchmark_methods.py                  # tiny reference model and a small one (LM 512 x 4)
-    python recipes/benchmark_methods.py --steps 20 --batch-size 16
+    python recipes/benchmarks/benchmark_methods.py                  # tiny reference model and a small one (LM 512 x 4)
+    python recipes/benchmarks/benchmark_methods.py --steps 20 --batch-size 16
 
 Each (model, method) runs in its own process, so that peak memory is that run's alone: accelerator memory
 (`torch.cuda.max_memory_allocated`) on a GPU, peak resident set size on CPU (which includes ~0.6 GB of
