@@ -568,6 +568,15 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             inputs_embeds = inputs_embeds + 0.0 * idle.to(inputs_embeds.dtype)
         return inputs_embeds, None
 
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """`GenerationMixin`'s, which passes the media at the first step only (with a cache); the audio masks go
+        with their inputs, so that a decode step holds nothing but tokens."""
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        for name, mask in AUDIO_MASK_NAMES.items():
+            if model_inputs.get(name) is None:
+                model_inputs.pop(mask, None)
+        return model_inputs
+
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(

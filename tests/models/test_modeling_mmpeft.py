@@ -329,3 +329,30 @@ def test_generate_computes_last_position_logits_only(tok):
     prefill = model(**inputs, use_cache=True)
     step = model(input_ids=inputs["input_ids"][:, -1:], past_key_values=prefill.cache)
     assert step.logits.shape == (1, 1, len(tok))
+
+
+def test_decode_step_exports_with_static_cache(tok):
+    # The decode step holds no data-dependent placeholder count (no host sync, nothing `torch.export` cannot
+    # trace), even when the token is a placeholder id: media are merged at prefill only.
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    model, processor = build(tok=tok)
+    model.generation_config.cache_implementation = "static"
+    exportable = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=32)
+    token = torch.tensor([[model.config.image_token_id]])
+    program = exportable.export(input_ids=token, cache_position=torch.tensor([0]))
+    with torch.no_grad():
+        expected = model(input_ids=token).logits
+    assert torch.allclose(program.module()(input_ids=token, cache_position=torch.tensor([0])), expected, atol=1e-5)
+
+
+def test_static_cache_generation_matches_dynamic(tok):
+    model, processor = build(tok=tok)
+    inputs = make_inputs(processor)
+    steps = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: steps.append(set(kwargs)), with_kwargs=True)
+    dynamic = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    static = model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+    media = {"pixel_values", "input_features", "feature_attention_mask"}
+    assert all(media <= step for step in steps[::5]) and not any(media & step for step in steps[1:5] + steps[6:])
