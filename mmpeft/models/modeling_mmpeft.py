@@ -252,12 +252,21 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             self.audio_tower = build_tower(config.audio_config, "audio")
             self.audio_projector = self._build_projector("audio")
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        # What this model takes, not what the class could: pipelines check it (`any-to-any` needs torchvision
+        # only for a model that takes images).
+        self.input_modalities = tuple(
+            name
+            for name, sub_config in (("image", config.vision_config), ("audio", config.audio_config))
+            if sub_config
+        ) + ("text",)
         self.post_init()
         if self._auto_class is not None:
-            # `save_pretrained` records one Auto class per model class in `auto_map`; add the causal-LM one.
+            # `save_pretrained` records one Auto class per model class in `auto_map`; add the others it is: a causal
+            # LM, and a multimodal LM (the `any-to-any` pipeline's class).
+            reference = f"{__name__.split('.')[-1]}.{type(self).__name__}"
             config.auto_map = {
                 **(getattr(config, "auto_map", None) or {}),
-                "AutoModelForCausalLM": f"{__name__.split('.')[-1]}.{type(self).__name__}",
+                **dict.fromkeys(("AutoModelForCausalLM", "AutoModelForMultimodalLM"), reference),
             }
         # An untrained model must never emit a placeholder: generation could not continue past it.
         placeholders = [i for i in (config.image_token_id, config.audio_token_id) if i is not None]

@@ -1,4 +1,5 @@
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -356,3 +357,72 @@ def test_static_cache_generation_matches_dynamic(tok):
     assert torch.equal(static, dynamic)
     media = {"pixel_values", "input_features", "feature_attention_mask"}
     assert all(media <= step for step in steps[::5]) and not any(media & step for step in steps[1:5] + steps[6:])
+
+
+PIPELINE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, importlib.util, json, sys
+
+    class HideMMPeft(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "mmpeft" or name.startswith("mmpeft."):
+                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
+
+    sys.meta_path.insert(0, HideMMPeft())
+    from transformers import pipeline
+
+    omni, audio_only, image, clip, out_file = sys.argv[1:6]
+    question = {"type": "text", "text": "What is it?"}
+    requests = [
+        ("image-text-to-text", omni, [{"type": "image", "url": image}, question]),
+        ("image-text-to-text", omni, [question]),
+        ("any-to-any", audio_only, [{"type": "audio", "path": clip}, question]),
+        ("any-to-any", audio_only, [question]),
+    ]
+    if importlib.util.find_spec("torchvision"):  # the any-to-any pipeline needs it for a model that takes images
+        both = [{"type": "image", "url": image}, {"type": "audio", "path": clip}, question]
+        requests.append(("any-to-any", omni, both))
+    answers = []
+    for task, checkpoint, content in requests:
+        generate = pipeline(task, model=checkpoint, trust_remote_code=True)
+        assert type(generate.model).__module__.startswith("transformers_modules"), type(generate.model).__module__
+        result = generate(text=[{"role": "user", "content": content}], max_new_tokens=3, do_sample=False)
+        answers.append([task, len(content), result[0]["generated_text"][-1]])
+    json.dump(answers, open(out_file, "w"))
+    """
+)
+
+
+def test_pipelines_from_a_saved_folder_without_mmpeft(tmp_path, tok):
+    import soundfile
+    from transformers import AutoModelForMultimodalLM
+
+    folders = {}
+    for name, vision in (("omni", "siglip"), ("audio_only", None)):
+        model, processor = build("qwen2", vision, "whisper", tok)
+        folders[name] = tmp_path / name
+        model.save_pretrained(folders[name])
+        processor.save_pretrained(folders[name])
+    assert model.input_modalities == ("audio", "text")
+    assert isinstance(AutoModelForMultimodalLM.from_pretrained(folders["omni"]), MMPeftForConditionalGeneration)
+    images, audio = media(2)
+    images[0].save(tmp_path / "image.png")
+    soundfile.write(tmp_path / "clip.wav", audio[0], 16000)  # by path: transformers' audio loader (and soxr)
+
+    script = tmp_path / "pipelines.py"
+    script.write_text(PIPELINE_SCRIPT)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    paths = [folders["omni"], folders["audio_only"], tmp_path / "image.png", tmp_path / "clip.wav"]
+    result = subprocess.run(
+        [sys.executable, str(script), *map(str, paths), str(tmp_path / "answers.json")],
+        cwd=tmp_path,  # not the repository root, so `mmpeft/` is not importable from the working directory
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    assert [task for task, _, _ in answers[:4]] == ["image-text-to-text"] * 2 + ["any-to-any"] * 2
+    for _, _, message in answers:
+        assert message["role"] == "assistant" and isinstance(message["content"], str)
