@@ -121,7 +121,8 @@ def test_save_load_exact_logits(tmp_path, tok):
         assert torch.equal(model(**inputs).logits, expected)
 
 
-REMOTE_SCRIPT = textwrap.dedent(
+# The start of a script run in a subprocess: mmpeft cannot be imported there, as where it is not installed.
+HIDE_MMPEFT = textwrap.dedent(
     """
     import importlib.abc, sys
 
@@ -136,6 +137,11 @@ REMOTE_SCRIPT = textwrap.dedent(
         raise SystemExit("mmpeft is importable")
     except ModuleNotFoundError:
         pass
+    """
+)
+
+REMOTE_SCRIPT = HIDE_MMPEFT + textwrap.dedent(
+    """
 
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
@@ -359,16 +365,10 @@ def test_static_cache_generation_matches_dynamic(tok):
     assert all(media <= step for step in steps[::5]) and not any(media & step for step in steps[1:5] + steps[6:])
 
 
-PIPELINE_SCRIPT = textwrap.dedent(
+PIPELINE_SCRIPT = HIDE_MMPEFT + textwrap.dedent(
     """
-    import importlib.abc, importlib.util, json, sys
+    import importlib.util, json
 
-    class HideMMPeft(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "mmpeft" or name.startswith("mmpeft."):
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
-
-    sys.meta_path.insert(0, HideMMPeft())
     from transformers import pipeline
 
     omni, audio_only, image, clip, out_file = sys.argv[1:6]
