@@ -113,3 +113,16 @@ def test_num_multimodal_tokens_match_the_processed_inputs(tok):
     assert counts.num_image_tokens == [per_text[0][0] // 2] * 2 and counts.num_image_patches == [1, 1]
     assert counts.num_audio_tokens == [per_text[1][1], per_text[2][1]]
     assert "num_video_tokens" not in counts
+
+
+def test_apply_chat_template_loads_audio_by_path(tmp_path, tok):
+    import soundfile
+
+    _, processor = build(vision=None, tok=tok)
+    clip = (0.1 * np.random.default_rng(0).standard_normal(4000)).astype(np.float32)
+    soundfile.write(tmp_path / "clip.wav", clip, 8000)  # half the extractor's rate: resampled (soxr) on loading
+    messages = [{"role": "user", "content": [{"type": "audio", "path": str(tmp_path / "clip.wav")}]}]
+    inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    tokens = int((inputs["input_ids"] == processor.audio_token_id).sum())
+    assert tokens == processor.num_audio_tokens_for_samples(8000) > 0
+    assert inputs["feature_attention_mask"].sum() == 8000 // 160
