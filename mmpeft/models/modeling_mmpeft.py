@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MultimodalCausalLMOutputWithPast
@@ -221,6 +222,30 @@ class MMPeftPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """Initialise what is not yet initialised (at construction, or the weights a checkpoint lacks), each part as
+        its own class would: the towers and the LM through their own `initialize_weights` and `_init_weights`, then
+        the projectors.
+
+        `PreTrainedModel.initialize_weights` passes the outer model's "custom code" flag down to its sub-models, and
+        for custom code it takes a module without parameters of its own as initialised without running
+        `_init_weights` on it. mmpeft's classes are custom code, so a tower's weights missing at load were left as
+        torch made them wherever its class initialises through a parent module (SigLIP's attention and MLP
+        projections, Whisper's sinusoidal `embed_positions`). The parts are transformers' own classes, which are
+        not custom code; mmpeft's own modules initialise through `transformers.initialization` like theirs.
+        """
+        for part in self.children():
+            if isinstance(part, PreTrainedModel):
+                part.initialize_weights()
+        self._initialize_weights_of(self)
+
+    @init.guard_torch_init_functions()
+    def _initialize_weights_of(self, module: nn.Module):
+        for child in module.children():
+            self._initialize_weights_of(child)
+        self._initialize_weights(module)
 
     @classmethod
     def from_pretrained(
