@@ -485,10 +485,6 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             its valid tokens only (`num_audio_tokens` of its valid length), in placeholder order;
             `last_hidden_state` (num_clips, frames, audio hidden size), the tower's, padding included;
             `hidden_states` / `attentions` of the tower when asked for.
-
-        Each clip's token count is computed on the host from its mask (`num_audio_tokens`, the processor's
-        arithmetic), so a step with audio inputs cannot be traced by `torch.export` / `torch.compile(fullgraph=True)`:
-        export the decode step (generation passes audio at the first step only) or a prefill with images.
         """
         self._require("audio", self.audio_tower)
         config = self.config

@@ -353,11 +353,10 @@ def test_decode_step_exports_with_static_cache(tok):
     assert torch.allclose(program.module()(input_ids=token, cache_position=torch.tensor([0])), expected, atol=1e-5)
 
 
-def test_prefill_with_images_exports(tok):
-    # Audio clips are cut to their lengths on the host (see get_audio_features); images need no host sync.
-    model, processor = build(audio=None, tok=tok)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
-    inputs = dict(make_inputs(processor, audio_seconds=(), messages=messages), use_cache=False)
+def test_prefill_with_media_exports(tok):
+    # The count check is a hint when traced; clip token counts become symbolic sizes.
+    model, processor = build(tok=tok)
+    inputs = dict(make_inputs(processor, audio_seconds=(0.6,)), use_cache=False)
     program = torch.export.export(model, args=(), kwargs=inputs, strict=False)
     with torch.no_grad():
         expected = model(**inputs).logits
