@@ -607,10 +607,11 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             inputs_embeds = inputs_embeds + 0.0 * idle.to(inputs_embeds.dtype)
         return inputs_embeds, None
 
-    def prepare_inputs_for_generation(self, *args, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
         """`GenerationMixin`'s, which passes the media at the first step only (with a cache); the audio masks go
-        with their inputs, so that a decode step holds nothing but tokens."""
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        with their inputs, so that a decode step holds nothing but tokens. (`inputs_embeds` by name: `generate`
+        accepts them only from a model whose signature names them.)"""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         for name, mask in AUDIO_MASK_NAMES.items():
             if model_inputs.get(name) is None:
                 model_inputs.pop(mask, None)

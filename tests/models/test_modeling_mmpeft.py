@@ -276,6 +276,10 @@ def test_inputs_embeds_with_media_match_input_ids(tok):
         n = model.config.num_image_tokens
         with pytest.raises(ValueError, match=rf"{n - 1} image tokens.*{n} features"):
             model(inputs_embeds=embeds, **inputs)
+    ids = make_inputs(processor)["input_ids"]
+    by_ids = model.generate(input_ids=ids, **inputs, max_new_tokens=4, do_sample=False)[:, ids.shape[1] :]
+    embeds = model.get_input_embeddings()(ids)
+    assert torch.equal(model.generate(inputs_embeds=embeds, **inputs, max_new_tokens=4, do_sample=False), by_ids)
 
 
 def test_feature_methods_follow_the_transformers_contract(tok):
