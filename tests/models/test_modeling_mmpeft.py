@@ -466,3 +466,14 @@ def test_missing_tower_weights_initialise_as_the_towers_own_classes(tmp_path, to
     for name, value in reloaded.state_dict().items():
         if name in kept:
             assert torch.equal(value, kept[name]), name
+
+
+def test_assisted_decoding_with_an_mmpeft_assistant(tok):
+    # The assistant gets the prompt's ids without the media: its placeholders are text.
+    model, processor = build(tok=tok)
+    assistant, _ = build("qwen2", tok=tok)
+    inputs = make_inputs(processor)
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(
+        model.generate(**inputs, max_new_tokens=6, do_sample=False, assistant_model=assistant), expected
+    )
