@@ -104,5 +104,7 @@ def test_random_towers_keep_what_the_synthetic_questions_ask():
     images = [draw_shape(rng, str(rng.choice(list(COLOURS))), SHAPES[s]) for s in shapes]
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        features = model.get_image_features(pixels).flatten(1).numpy()  # through the random projector too
+        features = (
+            model.get_image_features(pixels).pooler_output.flatten(1).numpy()
+        )  # through the random projector too
     assert linear_probe_accuracy(features, shapes) >= 0.6

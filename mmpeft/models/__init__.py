@@ -1,6 +1,12 @@
 """The omni model, its config and its processor, registered with the transformers Auto classes."""
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
+    AutoProcessor,
+)
 
 from .configuration_mmpeft import MMPeftConfig, num_audio_tokens
 from .modeling_mmpeft import MMPeftForConditionalGeneration, MMPeftPreTrainedModel
@@ -10,6 +16,7 @@ from .processing_mmpeft import MMPeftProcessor
 AutoConfig.register("mmpeft", MMPeftConfig)
 AutoModelForCausalLM.register(MMPeftConfig, MMPeftForConditionalGeneration)
 AutoModelForImageTextToText.register(MMPeftConfig, MMPeftForConditionalGeneration)
+AutoModelForMultimodalLM.register(MMPeftConfig, MMPeftForConditionalGeneration)
 AutoProcessor.register(MMPeftConfig, MMPeftProcessor)
 
 # `save_pretrained` copies these files next to the weights and writes `auto_map`, so checkpoints load with

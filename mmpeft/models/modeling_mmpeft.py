@@ -12,6 +12,7 @@ import importlib
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -26,7 +27,13 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
+from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPooling, MultimodalCausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.import_utils import torch_compilable_check
 
 from .configuration_mmpeft import AUDIO_MASK_NAMES, EncoderSpec, MMPeftConfig, encoder_spec, num_audio_tokens
 
@@ -163,10 +170,30 @@ class Modality(NamedTuple):
 
     name: str  # "image" / "audio": its placeholder is the config's `{name}_token_id`
     part: str  # "vision" / "audio": names its config (`vision_config`), tower and projector
-    inputs: tuple[tuple[str, str | None], ...]  # `forward`'s (input, its mask) pairs; the first given is used
+    inputs: tuple[str, ...]  # `forward`'s inputs of this modality; any given means it is present
     inputs_description: str  # how errors name the inputs
-    tokens: Callable  # (model, inputs, mask or None) -> (features (total tokens, LM hidden), tokens per item)
+    features: Callable  # (model, media dict) -> `BaseModelOutputWithPooling`, projected features as `pooler_output`
     dummy_input_shape: Callable[[PreTrainedConfig], tuple[int, ...]]  # tower config -> an idle tower's input
+
+
+AUDIO_INPUT_NAMES = tuple(name for pair in AUDIO_MASK_NAMES.items() for name in pair)
+
+
+@dataclass
+class MMPeftCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+    """The LM's outputs (`loss`, `logits`, `cache`, `hidden_states`, `attentions`) and the encoders' of the media
+    merged in this step (`image_outputs` / `audio_outputs`: `get_image_features` / `get_audio_features`, `None`
+    where none were given, as at every decode step)."""
+
+    @property
+    def image_hidden_states(self) -> torch.Tensor | None:
+        """The projected image features, (num_images, num_image_tokens, text hidden size), as Llava names them."""
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
+
+    @property
+    def audio_hidden_states(self) -> tuple[torch.Tensor, ...] | None:
+        """The projected audio features, one (tokens, text hidden size) per clip."""
+        return None if self.audio_outputs is None else self.audio_outputs.pooler_output
 
 
 class MMPeftProjector(nn.Module):
@@ -191,11 +218,35 @@ class MMPeftPreTrainedModel(PreTrainedModel):
     base_model_prefix = ""
     input_modalities = ("image", "audio", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """Initialise what is not yet initialised (at construction, or the weights a checkpoint lacks), each part as
+        its own class would: the towers and the LM through their own `initialize_weights` and `_init_weights`, then
+        the projectors.
+
+        `PreTrainedModel.initialize_weights` passes the outer model's "custom code" flag down to its sub-models, and
+        for custom code it takes a module without parameters of its own as initialised without running
+        `_init_weights` on it. mmpeft's classes are custom code, so a tower's weights missing at load were left as
+        torch made them wherever its class initialises through a parent module (SigLIP's attention and MLP
+        projections, Whisper's sinusoidal `embed_positions`). The parts are transformers' own classes, which are
+        not custom code; mmpeft's own modules initialise through `transformers.initialization` like theirs.
+        """
+        for part in self.children():
+            if isinstance(part, PreTrainedModel):
+                part.initialize_weights()
+        self._initialize_weights_of(self)
+
+    @init.guard_torch_init_functions()
+    def _initialize_weights_of(self, module: nn.Module):
+        for child in module.children():
+            self._initialize_weights_of(child)
+        self._initialize_weights(module)
 
     @classmethod
     def from_pretrained(
@@ -227,12 +278,21 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             self.audio_tower = build_tower(config.audio_config, "audio")
             self.audio_projector = self._build_projector("audio")
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        # What this model takes, not what the class could: pipelines check it (`any-to-any` needs torchvision
+        # only for a model that takes images).
+        self.input_modalities = tuple(
+            name
+            for name, sub_config in (("image", config.vision_config), ("audio", config.audio_config))
+            if sub_config
+        ) + ("text",)
         self.post_init()
         if self._auto_class is not None:
-            # `save_pretrained` records one Auto class per model class in `auto_map`; add the causal-LM one.
+            # `save_pretrained` records one Auto class per model class in `auto_map`; add the others it is: a causal
+            # LM, and a multimodal LM (the `any-to-any` pipeline's class).
+            reference = f"{__name__.split('.')[-1]}.{type(self).__name__}"
             config.auto_map = {
                 **(getattr(config, "auto_map", None) or {}),
-                "AutoModelForCausalLM": f"{__name__.split('.')[-1]}.{type(self).__name__}",
+                **dict.fromkeys(("AutoModelForCausalLM", "AutoModelForMultimodalLM"), reference),
             }
         # An untrained model must never emit a placeholder: generation could not continue past it.
         placeholders = [i for i in (config.image_token_id, config.audio_token_id) if i is not None]
@@ -363,133 +423,202 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
                 f"(its config has no {'vision' if modality == 'image' else 'audio'}_config)."
             )
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
         """Encode and project images.
 
         Args:
             pixel_values: (num_images, channels, height, width).
+            output_hidden_states: also return the vision tower's hidden states (embeddings + each layer).
+            return_dict: return a `BaseModelOutputWithPooling` (default) or its tuple.
+            kwargs: passed to the vision tower (`output_attentions`, ...).
 
         Returns:
-            (num_images, config.num_image_tokens, text hidden size).
+            `BaseModelOutputWithPooling`: `pooler_output` (num_images, config.num_image_tokens, text hidden size),
+            the projected features that fill each image's placeholders; `last_hidden_state` (num_images, patches,
+            vision hidden size), the tower's; `hidden_states` / `attentions` of the tower when asked for.
         """
         self._require("image", self.vision_tower)
         config = self.config
         pixel_values = pixel_values.to(self.vision_tower.dtype)
-        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
         features = outputs.hidden_states[config.vision_feature_layer]
         if config.vision_feature_select_strategy == "default":
             features = features[:, -(config.vision_grid_size**2) :]  # drop CLS / register tokens
         reduction, factor = self._token_reduction("vision")
-        return self.vision_projector(reduction.reduce(features, factor))
+        outputs = BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=self.vision_projector(reduction.reduce(features, factor)),
+            hidden_states=outputs.hidden_states if _wanted(output_hidden_states, config) else None,
+            attentions=outputs.attentions,
+        )
+        return outputs if _wanted(return_dict, config, "return_dict") else outputs.to_tuple()
 
     def get_audio_features(
-        self, audio_inputs: torch.Tensor, audio_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode and project audio clips, padding included.
+        self,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
+        input_values_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        """Encode and project audio clips, with the model's own input names: whichever the audio tower takes of
+        log-mel `input_features` (Whisper) and raw `input_values` (Wav2Vec2, HuBERT, WavLM).
 
         Args:
-            audio_inputs: log-mel `input_features` (num_clips, mel_bins, frames) or raw `input_values`
-                (num_clips, samples), whichever the audio tower takes.
-            audio_mask: (num_clips, frames or samples), 1 on valid positions.
+            input_features, feature_attention_mask: (num_clips, mel_bins, frames) and (num_clips, frames).
+            input_values, input_values_mask: (num_clips, samples) and (num_clips, samples).
+                A mask is 1 on valid positions; without one every position is valid.
+            output_hidden_states: also return the audio tower's hidden states.
+            return_dict: return a `BaseModelOutputWithPooling` (default) or its tuple.
+            kwargs: passed to the audio tower (`output_attentions`, ...).
 
         Returns:
-            features (num_clips, max tokens, text hidden size) and the number of valid tokens per clip
-            (num_clips,): `num_audio_tokens` of each clip's valid length.
+            `BaseModelOutputWithPooling`: `pooler_output` a tuple of one (tokens, text hidden size) tensor per clip,
+            its valid tokens only (`num_audio_tokens` of its valid length), in placeholder order;
+            `last_hidden_state` (num_clips, frames, audio hidden size), the tower's, padding included;
+            `hidden_states` / `attentions` of the tower when asked for.
         """
         self._require("audio", self.audio_tower)
         config = self.config
-        outputs = self.audio_tower(
-            **{self.audio_tower.main_input_name: audio_inputs.to(self.audio_tower.dtype)},
-            attention_mask=audio_mask,
-            return_dict=True,
+        audio_inputs, audio_mask = (
+            (input_features, feature_attention_mask)
+            if input_features is not None
+            else (input_values, input_values_mask)
         )
-        reduction, factor = self._token_reduction("audio")
-        features = reduction.reduce(outputs.last_hidden_state, factor)
-        lengths = [
-            num_audio_tokens(length, config.audio_downsampling, config.audio_frames_per_token)
-            for length in audio_mask.sum(-1).tolist()
-        ]
-        return self.audio_projector(features), torch.tensor(lengths, device=features.device)
-
-    def _image_tokens(self, pixel_values: torch.Tensor, mask: None = None) -> tuple[torch.Tensor, list[int]]:
-        """Image features in placeholder order, (num_images * num_image_tokens, hidden), and tokens per image
-        (images have no padding mask)."""
-        features = self.get_image_features(pixel_values)
-        return features.flatten(0, 1), [features.shape[1]] * features.shape[0]
-
-    def _audio_tokens(
-        self, audio_inputs: torch.Tensor, audio_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Audio features of the valid positions in placeholder order, (total tokens, hidden), and tokens per clip."""
+        if audio_inputs is None:
+            raise ValueError("get_audio_features needs `input_features` or `input_values`.")
         if audio_mask is None:  # every position valid
             audio_mask = torch.ones(
                 audio_inputs.shape[0], audio_inputs.shape[-1], dtype=torch.long, device=audio_inputs.device
             )
-        features, lengths = self.get_audio_features(audio_inputs, audio_mask)
-        valid = torch.arange(features.shape[1], device=lengths.device) < lengths[:, None]
-        return features[valid], lengths.tolist()
+        outputs = self.audio_tower(
+            **{self.audio_tower.main_input_name: audio_inputs.to(self.audio_tower.dtype)},
+            attention_mask=audio_mask,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        reduction, factor = self._token_reduction("audio")
+        features = self.audio_projector(reduction.reduce(outputs.last_hidden_state, factor))
+        lengths = [
+            num_audio_tokens(length, config.audio_downsampling, config.audio_frames_per_token)
+            for length in audio_mask.sum(-1).tolist()
+        ]
+        outputs = BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=tuple(clip[:length] for clip, length in zip(features, lengths)),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return outputs if _wanted(return_dict, config, "return_dict") else outputs.to_tuple()
+
+    def _image_features(self, media: dict) -> BaseModelOutputWithPooling:
+        return self.get_image_features(media["pixel_values"], return_dict=True)
+
+    def _audio_features(self, media: dict) -> BaseModelOutputWithPooling:
+        return self.get_audio_features(**{name: media.get(name) for name in AUDIO_INPUT_NAMES}, return_dict=True)
 
     # The media `forward` merges, in this order (every process runs the towers in the same order).
     _modalities = (
         Modality(
             name="image",
             part="vision",
-            inputs=(("pixel_values", None),),
+            inputs=("pixel_values",),
             inputs_description="`pixel_values`",
-            tokens=_image_tokens,
+            features=_image_features,
             dummy_input_shape=lambda config: (1, config.num_channels, config.image_size, config.image_size),
         ),
         Modality(
             name="audio",
             part="audio",
-            inputs=tuple(AUDIO_MASK_NAMES.items()),
+            inputs=tuple(AUDIO_MASK_NAMES),
             inputs_description="audio inputs (`input_features` / `input_values`)",
-            tokens=_audio_tokens,
+            features=_audio_features,
             dummy_input_shape=lambda config: encoder_spec("audio", config.model_type).dummy_input_shape(config),
         ),
     )
 
-    def _scatter(self, input_ids, inputs_embeds, features, token_id, modality, tokens_per_item):
-        """Put `features` (total_tokens, hidden) into the positions of `token_id`, checking counts first."""
-        mask = input_ids == token_id
-        tokens_per_sample = mask.sum(-1).tolist()
-        if sum(tokens_per_sample) != features.shape[0]:
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, token_id: int
+    ) -> torch.BoolTensor:
+        """(batch, seq), True at the placeholders of `token_id`: found in `input_ids`, or without them (only
+        `inputs_embeds` given) where an embedding equals the placeholder token's own, as Llava finds them."""
+        if input_ids is not None:
+            return input_ids == token_id
+        placeholder = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+        return (inputs_embeds == placeholder.to(inputs_embeds.dtype)).all(-1)
+
+    def _scatter(self, placeholders, inputs_embeds, outputs, modality):
+        """Put the features of `outputs` (a modality's `BaseModelOutputWithPooling`) into the `placeholders`
+        (batch, seq) positions of `inputs_embeds`, checking counts first."""
+        items = outputs.pooler_output
+        if isinstance(items, torch.Tensor):  # images: (num_images, tokens, hidden), all of one length
+            tokens_per_item, features = [items.shape[1]] * items.shape[0], items.flatten(0, 1)
+        else:  # audio: one (tokens, hidden) per clip
+            tokens_per_item, features = [item.shape[0] for item in items], torch.cat(items)
+
+        def mismatch() -> str:  # built only when the counts differ
+            tokens_per_sample = placeholders.sum(-1).tolist()
             sample = _first_misaligned_sample(tokens_per_sample, tokens_per_item)
-            raise ValueError(
+            return (
                 f"{modality} features and {modality} tokens do not match: input_ids hold "
                 f"{sum(tokens_per_sample)} {modality} tokens (per sample: {tokens_per_sample}) but the {modality} "
                 f"inputs give {features.shape[0]} features (per {modality} input: {tokens_per_item}); first "
                 f"mismatch at sample {sample}. Was a placeholder run truncated or an input dropped?"
             )
-        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features.to(inputs_embeds.dtype))
+
+        # A hint rather than a branch when traced (torch.export / compile), as in Llava's get_placeholder_mask.
+        torch_compilable_check(placeholders.sum() == features.shape[0], mismatch)
+        return inputs_embeds.masked_scatter(placeholders.unsqueeze(-1), features.to(inputs_embeds.dtype))
 
     def _merge(
         self,
         modality: Modality,
-        input_ids: torch.Tensor,
+        input_ids: torch.LongTensor | None,
         inputs_embeds: torch.Tensor,
         media: dict[str, torch.Tensor | None],
         run_idle_tower: bool,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling | None]:
         """Merge one modality into `inputs_embeds`: the features of its inputs in `media` go into its placeholder
-        positions, their counts checked. Without inputs, `input_ids` must hold none of its placeholders, and with
-        `run_idle_tower` its tower (if any) runs on a dummy input and adds 0 x its output (see `forward`)."""
-        token_id = getattr(self.config, f"{modality.name}_token_id")
-        given = next(((name, mask) for name, mask in modality.inputs if media[name] is not None), None)
-        if given is not None:
-            name, mask = given
-            features, tokens_per_item = modality.tokens(self, media[name], media.get(mask))
-            return self._scatter(input_ids, inputs_embeds, features, token_id, modality.name, tokens_per_item)
-        if token_id is not None and (n := int((input_ids == token_id).sum())):
-            raise ValueError(
-                f"input_ids hold {n} {modality.name} tokens but no {modality.inputs_description} were given."
-            )
-        if getattr(self, f"{modality.part}_tower") is not None and run_idle_tower:
+        positions, their counts checked, and its encoder output is returned with the new embeddings. Without
+        inputs its placeholders (if any) stay ordinary tokens, as in transformers' VLMs: an assistant model in
+        assisted decoding gets no media, and generation passes media at the first step only (the decode steps
+        must not count placeholders: a data-dependent count is a device-to-host sync per token and breaks
+        `torch.export`). With `run_idle_tower` an idle tower (if any) runs on a dummy input and adds 0 x its
+        output (see `forward`)."""
+        if any(media.get(name) is not None for name in modality.inputs):
+            outputs = modality.features(self, media)
+            token_id = getattr(self.config, f"{modality.name}_token_id")
+            placeholders = self.get_placeholder_mask(input_ids, inputs_embeds, token_id)
+            return self._scatter(placeholders, inputs_embeds, outputs, modality.name), outputs
+        tower = getattr(self, f"{modality.part}_tower")
+        if tower is not None and run_idle_tower:
             shape = modality.dummy_input_shape(getattr(self.config, f"{modality.part}_config"))
-            idle, _ = modality.tokens(self, inputs_embeds.new_zeros(shape), None)
-            inputs_embeds = inputs_embeds + 0.0 * idle.sum().to(inputs_embeds.dtype)
-        return inputs_embeds
+            idle = modality.features(self, {tower.main_input_name: inputs_embeds.new_zeros(shape)}).pooler_output
+            idle = sum(item.sum() for item in idle)
+            inputs_embeds = inputs_embeds + 0.0 * idle.to(inputs_embeds.dtype)
+        return inputs_embeds, None
 
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
+        """`GenerationMixin`'s, which passes the media at the first step only (with a cache); the audio masks go
+        with their inputs, so that a decode step holds nothing but tokens. (`inputs_embeds` by name: `generate`
+        accepts them only from a model whose signature names them.)"""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        for name, mask in AUDIO_MASK_NAMES.items():
+            if model_inputs.get(name) is None:
+                model_inputs.pop(mask, None)
+        return model_inputs
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -501,12 +630,17 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         input_values_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ):
+    ) -> tuple | MMPeftCausalLMOutputWithPast:
         r"""
         Args:
             input_ids: (batch, seq); each image fills `config.num_image_tokens` positions of `image_token_id`,
-                each audio clip `num_audio_tokens(...)` positions of `audio_token_id`.
+                each audio clip `num_audio_tokens(...)` positions of `audio_token_id`. Placeholders of a modality
+                whose inputs are not given are ordinary tokens.
             attention_mask: (batch, seq). Padding-free batches (several samples laid end to end in one row) give
                 none, and `position_ids` (1, seq) that restart at 0 at every sample instead (with `labels`, or
                 with `use_cache=False`: a cache hides the packing from the LM).
@@ -515,18 +649,27 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
                 log-mel audio encoders (Whisper).
             input_values, input_values_mask: (num_clips, samples) and (num_clips, samples), for waveform audio
                 encoders (Wav2Vec2, HuBERT, WavLM).
+            inputs_embeds: (batch, seq, text hidden size), instead of `input_ids`; media placeholders are found
+                where an embedding equals the placeholder token's.
             labels: (batch, seq), -100 where no loss is taken.
-            kwargs: passed to the language model (`past_key_values`, `position_ids`, `use_cache`, ...).
+            position_ids: (batch, seq).
+            cache: the LM's key/value cache (`past_key_values` is its former name).
+            use_cache: return the cache; off by default with `labels`.
+            logits_to_keep: an int keeps the last that many positions' logits (0: all; `generate` asks for 1), a
+                tensor the positions it selects (a boolean (batch, seq) mask gives (kept, vocab) logits).
+            kwargs: passed to the language model (`output_hidden_states`, `shift_labels`, ...).
 
         Returns:
-            The language model's `CausalLMOutputWithPast` (loss, logits (batch, seq, vocab), past_key_values).
+            `MMPeftCausalLMOutputWithPast`: the language model's loss, logits (batch, kept positions, vocab), cache,
+            hidden states and attentions, and `image_outputs` / `audio_outputs` (`get_image_features` /
+            `get_audio_features` of the given media, else `None`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if labels is not None:
+        if labels is not None and use_cache is None:
             # A loss needs no cache, and a cache would hide packed (padding-free) batches from the LM: transformers
             # builds the per-sample attention mask from `position_ids` only when there is no cache.
-            kwargs.setdefault("use_cache", False)
+            use_cache = False
         media = {
             "pixel_values": pixel_values,
             "input_features": input_features,
@@ -534,24 +677,43 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             "input_values": input_values,
             "input_values_mask": input_values_mask,
         }
-        if inputs_embeds is not None:
-            if any(media[name] is not None for modality in self._modalities for name, _ in modality.inputs):
-                raise ValueError(
-                    "Images and audio need `input_ids` (to find their placeholders), not `inputs_embeds`."
-                )
-            return self.language_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
-            )
-
-        inputs_embeds = self.get_input_embeddings()(input_ids)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         # With several processes every rank runs every tower in every step, in the same order, feeding an idle
         # tower a placeholder input and adding 0 x its output: under ZeRO-3 a tower's forward gathers its
         # sharded weights collectively, so a rank that skipped it (its batch had no image) would deadlock the
         # others, and DDP without unused-parameter detection fails on parameters that got no gradient.
         run_idle_towers = _is_multi_process()
+        encoder_outputs = {}
         for modality in self._modalities:
-            inputs_embeds = self._merge(modality, input_ids, inputs_embeds, media, run_idle_towers)
-        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+            inputs_embeds, encoder_outputs[modality.name] = self._merge(
+                modality, input_ids, inputs_embeds, media, run_idle_towers
+            )
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            return_dict=True,
+            **kwargs,
+        )
+        return MMPeftCausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=encoder_outputs["image"],
+            audio_outputs=encoder_outputs["audio"],
+        )
+
+
+def _wanted(flag: bool | None, config: PreTrainedConfig, name: str = "output_hidden_states") -> bool:
+    """An output flag, the config's when not given."""
+    return getattr(config, name) if flag is None else flag
 
 
 def _is_multi_process() -> bool:
@@ -577,4 +739,10 @@ def _first_misaligned_sample(tokens_per_sample: list[int], tokens_per_item: list
     return len(tokens_per_sample) - 1  # placeholders all matched: items are left over after the last sample
 
 
-__all__ = ["MMPeftForConditionalGeneration", "MMPeftPreTrainedModel", "MMPeftProjector", "TokenReduction"]
+__all__ = [
+    "MMPeftCausalLMOutputWithPast",
+    "MMPeftForConditionalGeneration",
+    "MMPeftPreTrainedModel",
+    "MMPeftProjector",
+    "TokenReduction",
+]

@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 
 from .configuration_mmpeft import AUDIO_MASK_NAMES, num_audio_tokens
 
@@ -135,8 +135,10 @@ class MMPeftProcessor(ProcessorMixin):
         tokenizer: the LM's tokenizer, with the placeholder tokens added.
         chat_template: Jinja template; defaults to ChatML with image / audio / text content parts.
         image_token, audio_token: the placeholder strings.
-        image_seq_length: tokens per image (`MMPeftConfig.num_image_tokens`).
-        audio_downsampling: the audio encoder's strided layers (`MMPeftConfig.audio_downsampling`).
+        image_seq_length: tokens per image (`MMPeftConfig.num_image_tokens`). Only the model knows it: a
+            processor built from its components alone processes text, and raises at the first image.
+        audio_downsampling: the audio encoder's strided layers (`MMPeftConfig.audio_downsampling`); likewise
+            needed at the first audio clip only.
         audio_frames_per_token: `MMPeftConfig.audio_frames_per_token`.
         max_audio_seconds: longest chunk given to the audio encoder. Defaults to the window of fixed-window
             extractors (Whisper's `chunk_length`, 30 s for Whisper) and to 30 s otherwise.
@@ -158,10 +160,6 @@ class MMPeftProcessor(ProcessorMixin):
     ):
         if tokenizer is None:
             raise ValueError("MMPeftProcessor needs a tokenizer.")
-        if image_processor is not None and image_seq_length is None:
-            raise ValueError("`image_seq_length` is required with an image processor.")
-        if feature_extractor is not None and audio_downsampling is None:
-            raise ValueError("`audio_downsampling` is required with a feature extractor.")
         self.image_token = image_token if image_processor is not None else None
         self.audio_token = audio_token if feature_extractor is not None else None
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if image_processor is not None else None
@@ -263,11 +261,42 @@ class MMPeftProcessor(ProcessorMixin):
         return [image_processor, feature_extractor, tokenizer]
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        return self.image_token * self.image_seq_length
+        return self.image_token * self._model_setting("image_seq_length", "num_image_tokens")
 
     def num_audio_tokens(self, length: int) -> int:
         """Tokens one audio chunk of `length` valid input positions (frames or samples) becomes."""
-        return num_audio_tokens(length, self.audio_downsampling, self.audio_frames_per_token)
+        downsampling = self._model_setting("audio_downsampling", "audio_downsampling")
+        return num_audio_tokens(length, downsampling, self.audio_frames_per_token)
+
+    def _model_setting(self, name: str, config_name: str):
+        """The setting `name` (the model config's `<config_name>`), or an error that says where it comes from."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(
+                f"MMPeftProcessor has no `{name}`: it comes from the model; build the processor with "
+                f"`{name}=config.{config_name}` (as `MMPeftProcessor.from_pretrained_parts` does)."
+            )
+        return value
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, audio_lengths=None, **kwargs) -> MultiModalData:
+        """Placeholder tokens of media of the given sizes, for serving engines (vLLM) that reserve them.
+
+        Args:
+            image_sizes: (height, width) per image; every image becomes `image_seq_length` tokens (the image
+                processor resizes it to the encoder's size).
+            audio_lengths: samples per mono clip at the feature extractor's sampling rate.
+
+        Returns:
+            `MultiModalData` with `num_image_tokens` and `num_image_patches` (1 per image) and / or
+            `num_audio_tokens` (a long clip's chunks together, as `process_audio` counts them).
+        """
+        counts = {}
+        if image_sizes is not None:
+            tokens = self._model_setting("image_seq_length", "num_image_tokens")
+            counts.update(num_image_tokens=[tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes))
+        if audio_lengths is not None:
+            counts["num_audio_tokens"] = [self.num_audio_tokens_for_samples(int(n)) for n in audio_lengths]
+        return MultiModalData(**counts)
 
     def process_audio(self, audio: list) -> tuple[dict, list[int]]:
         """Audio features of `audio` (mono waveforms at the extractor's sampling rate) and tokens per clip.

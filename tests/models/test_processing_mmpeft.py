@@ -84,3 +84,45 @@ def test_save_load_roundtrip(vision, audio, tmp_path, tok):
         assert set(expected) == set(got)
         for key in expected:
             assert torch.equal(expected[key], got[key]), key
+
+
+def test_processor_from_its_components_alone(tok):
+    from tiny_parts import AUDIO_PREPROCESSORS, image_processor
+
+    processor = MMPeftProcessor(
+        image_processor=image_processor(), feature_extractor=AUDIO_PREPROCESSORS["whisper"](), tokenizer=tok
+    )
+    assert processor(text=["no media here"], return_tensors="pt")["input_ids"].shape[0] == 1
+    images, audio = media(0, num_images=1, audio_seconds=(0.5,))
+    with pytest.raises(ValueError, match=r"no `image_seq_length`.*image_seq_length=config.num_image_tokens"):
+        processor(text=["<image>"], images=images)
+    with pytest.raises(ValueError, match=r"no `audio_downsampling`.*audio_downsampling=config.audio_downsampling"):
+        processor(text=["<audio>"], audio=audio)
+
+
+def test_num_multimodal_tokens_match_the_processed_inputs(tok):
+    _, processor = build(audio_frames_per_token=2, tok=tok)
+    images, audio = media(0, num_images=2, audio_seconds=(0.3, 2.5))  # the second clip is chunked
+    counts = processor._get_num_multimodal_tokens(
+        image_sizes=[image.size[::-1] for image in images], audio_lengths=[len(clip) for clip in audio]
+    )
+    inputs = processor(text=["<image><image>", "<audio>", "<audio>"], images=images, audio=audio)
+    per_text = [
+        [ids.count(processor.image_token_id), ids.count(processor.audio_token_id)] for ids in inputs["input_ids"]
+    ]
+    assert counts.num_image_tokens == [per_text[0][0] // 2] * 2 and counts.num_image_patches == [1, 1]
+    assert counts.num_audio_tokens == [per_text[1][1], per_text[2][1]]
+    assert "num_video_tokens" not in counts
+
+
+def test_apply_chat_template_loads_audio_by_path(tmp_path, tok):
+    import soundfile
+
+    _, processor = build(vision=None, tok=tok)
+    clip = (0.1 * np.random.default_rng(0).standard_normal(4000)).astype(np.float32)
+    soundfile.write(tmp_path / "clip.wav", clip, 8000)  # half the extractor's rate: resampled (soxr) on loading
+    messages = [{"role": "user", "content": [{"type": "audio", "path": str(tmp_path / "clip.wav")}]}]
+    inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    tokens = int((inputs["input_ids"] == processor.audio_token_id).sum())
+    assert tokens == processor.num_audio_tokens_for_samples(8000) > 0
+    assert inputs["feature_attention_mask"].sum() == 8000 // 160
