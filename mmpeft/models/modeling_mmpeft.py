@@ -27,11 +27,13 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MultimodalCausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.import_utils import torch_compilable_check
 
 from .configuration_mmpeft import AUDIO_MASK_NAMES, EncoderSpec, MMPeftConfig, encoder_spec, num_audio_tokens
 
@@ -221,6 +223,30 @@ class MMPeftPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """Initialise what is not yet initialised (at construction, or the weights a checkpoint lacks), each part as
+        its own class would: the towers and the LM through their own `initialize_weights` and `_init_weights`, then
+        the projectors.
+
+        `PreTrainedModel.initialize_weights` passes the outer model's "custom code" flag down to its sub-models, and
+        for custom code it takes a module without parameters of its own as initialised without running
+        `_init_weights` on it. mmpeft's classes are custom code, so a tower's weights missing at load were left as
+        torch made them wherever its class initialises through a parent module (SigLIP's attention and MLP
+        projections, Whisper's sinusoidal `embed_positions`). The parts are transformers' own classes, which are
+        not custom code; mmpeft's own modules initialise through `transformers.initialization` like theirs.
+        """
+        for part in self.children():
+            if isinstance(part, PreTrainedModel):
+                part.initialize_weights()
+        self._initialize_weights_of(self)
+
+    @init.guard_torch_init_functions()
+    def _initialize_weights_of(self, module: nn.Module):
+        for child in module.children():
+            self._initialize_weights_of(child)
+        self._initialize_weights(module)
 
     @classmethod
     def from_pretrained(
@@ -459,6 +485,10 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             its valid tokens only (`num_audio_tokens` of its valid length), in placeholder order;
             `last_hidden_state` (num_clips, frames, audio hidden size), the tower's, padding included;
             `hidden_states` / `attentions` of the tower when asked for.
+
+        Each clip's token count is computed on the host from its mask (`num_audio_tokens`, the processor's
+        arithmetic), so a step with audio inputs cannot be traced by `torch.export` / `torch.compile(fullgraph=True)`:
+        export the decode step (generation passes audio at the first step only) or a prefill with images.
         """
         self._require("audio", self.audio_tower)
         config = self.config
@@ -538,15 +568,19 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             tokens_per_item, features = [items.shape[1]] * items.shape[0], items.flatten(0, 1)
         else:  # audio: one (tokens, hidden) per clip
             tokens_per_item, features = [item.shape[0] for item in items], torch.cat(items)
-        tokens_per_sample = placeholders.sum(-1).tolist()
-        if sum(tokens_per_sample) != features.shape[0]:
+
+        def mismatch() -> str:  # built only when the counts differ
+            tokens_per_sample = placeholders.sum(-1).tolist()
             sample = _first_misaligned_sample(tokens_per_sample, tokens_per_item)
-            raise ValueError(
+            return (
                 f"{modality} features and {modality} tokens do not match: input_ids hold "
                 f"{sum(tokens_per_sample)} {modality} tokens (per sample: {tokens_per_sample}) but the {modality} "
                 f"inputs give {features.shape[0]} features (per {modality} input: {tokens_per_item}); first "
                 f"mismatch at sample {sample}. Was a placeholder run truncated or an input dropped?"
             )
+
+        # A hint rather than a branch when traced (torch.export / compile), as in Llava's get_placeholder_mask.
+        torch_compilable_check(placeholders.sum() == features.shape[0], mismatch)
         return inputs_embeds.masked_scatter(placeholders.unsqueeze(-1), features.to(inputs_embeds.dtype))
 
     def _merge(

@@ -353,6 +353,17 @@ def test_decode_step_exports_with_static_cache(tok):
     assert torch.allclose(program.module()(input_ids=token, cache_position=torch.tensor([0])), expected, atol=1e-5)
 
 
+def test_prefill_with_images_exports(tok):
+    # Audio clips are cut to their lengths on the host (see get_audio_features); images need no host sync.
+    model, processor = build(audio=None, tok=tok)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    inputs = dict(make_inputs(processor, audio_seconds=(), messages=messages), use_cache=False)
+    program = torch.export.export(model, args=(), kwargs=inputs, strict=False)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    assert torch.allclose(program.module()(**inputs).logits, expected, atol=1e-5)
+
+
 def test_static_cache_generation_matches_dynamic(tok):
     model, processor = build(tok=tok)
     inputs = make_inputs(processor)
@@ -426,3 +437,29 @@ def test_pipelines_from_a_saved_folder_without_mmpeft(tmp_path, tok):
     assert [task for task, _, _ in answers[:4]] == ["image-text-to-text"] * 2 + ["any-to-any"] * 2
     for _, _, message in answers:
         assert message["role"] == "assistant" and isinstance(message["content"], str)
+
+
+def test_missing_tower_weights_initialise_as_the_towers_own_classes(tmp_path, tok):
+    from safetensors.torch import load_file, save_file
+    from transformers.models.whisper.modeling_whisper import sinusoids
+
+    model, _ = build("llama", "siglip", "whisper", tok)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    kept = {name: value for name, value in weights.items() if not name.startswith(("vision_tower.", "audio_tower."))}
+    save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reloaded = MMPeftForConditionalGeneration.from_pretrained(tmp_path)
+
+    # Whisper's positions are fixed sinusoids, set by WhisperPreTrainedModel._init_weights on the encoder.
+    positions = reloaded.audio_tower.embed_positions.weight
+    assert torch.equal(positions, sinusoids(*positions.shape))
+    # SiglipPreTrainedModel._init_weights sets each layer's MLP biases to N(0, 1e-6) on the SiglipMLP module (which
+    # has no parameters of its own); skipped, its Linear layers kept the generic init: zero biases.
+    # (mmpeft drops SigLIP's attention-pooling `head`, which it does not use.)
+    layer = reloaded.vision_tower.encoder.layers[0]
+    assert 0 < layer.mlp.fc1.bias.abs().max() < 1e-4
+    assert torch.equal(layer.self_attn.q_proj.bias, torch.zeros_like(layer.self_attn.q_proj.bias))
+    # The LM's and the projectors' weights were in the checkpoint: loaded, not initialised.
+    for name, value in reloaded.state_dict().items():
+        if name in kept:
+            assert torch.equal(value, kept[name]), name
