@@ -28,10 +28,6 @@ ProcessorTesterMixin = mixin("test_processing_common", "ProcessorTesterMixin")
 GenerationTesterMixin = mixin("generation.test_utils", "GenerationTesterMixin")
 
 # Contract breaks of mmpeft that transformers' tests find, each an expected failure (strict: a fix must remove it).
-DATA_DEPENDENT_FORWARD = (
-    "mmpeft contract: a forward with media compares the placeholder count with the feature count (_scatter), a "
-    "data-dependent check torch.export cannot trace (the decode step, tokens only, exports)"
-)
 AUDIO_HIDDEN_STATES_FROM_CONFIG = (
     "mmpeft contract: get_audio_features passes output_hidden_states=None to the Whisper encoder, which then ignores "
     "the config's output_hidden_states=True (omit the argument when it is None)"
@@ -292,12 +288,12 @@ class MMPeftIntegrationConformanceTest(unittest.TestCase):
         self.config, self.inputs = self.model_tester.prepare_config_and_inputs_for_common()
         self.model = MMPeftForConditionalGeneration(self.config).to(torch_device).eval()
 
-    @pytest.mark.xfail(strict=True, reason=DATA_DEPENDENT_FORWARD)
     def test_torch_export(self):
-        """`torch.export` traces `forward` with media (the exporters' mixin is not in the sdist)."""
-        exported = torch.export.export(self.model, args=(), kwargs=self.inputs, strict=False)
+        """`torch.export` traces a prefill with images and audio (the exporters' mixin is not in the sdist)."""
+        inputs = {**self.inputs, "use_cache": False}  # a DynamicCache is no output torch.export knows
+        exported = torch.export.export(self.model, args=(), kwargs=inputs, strict=False)
         with torch.no_grad():
-            torch.testing.assert_close(exported.module()(**self.inputs).logits, self.model(**self.inputs).logits)
+            torch.testing.assert_close(exported.module()(**inputs).logits, self.model(**inputs).logits)
 
     def test_image_text_to_text_auto_class(self):
         """`AutoModelForImageTextToText` (the image-text-to-text pipeline's Auto class) builds it from its config."""
