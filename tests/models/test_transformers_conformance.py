@@ -12,6 +12,7 @@ import unittest
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_parts import AUDIO_CONFIGS, AUDIO_PREPROCESSORS, VISION_CONFIGS, image_processor, text_config, tokenizer
 from transformers.testing_utils import torch_device
 from transformers_common import mixin
@@ -208,8 +209,9 @@ class MMPeftProcessorTest(ProcessorTesterMixin, unittest.TestCase):
 
 class MMPeftGenerationTest(unittest.TestCase):
     """What `GenerationTesterMixin` would check, for the sdist lacks it (`transformers_common`): greedy decoding
-    with a cache equals step-by-step decoding without one, left padding changes no sample's tokens, sampling and
-    beam search expand the media with the prompts, and generation sees `logits_to_keep`."""
+    with a cache equals step-by-step decoding without one, and a static cache, assisted decoding, prompt lookup and
+    a continued cache give its tokens; left padding changes no sample's tokens; sampling and beam search expand the
+    media with the prompts; generation sees `logits_to_keep`."""
 
     def setUp(self):
         self.model_tester = MMPeftModelTester(self)
@@ -241,6 +243,27 @@ class MMPeftGenerationTest(unittest.TestCase):
     def test_greedy_with_cache_matches_without(self):
         expected = self._greedy_without_cache(self.inputs, steps=5)
         torch.testing.assert_close(self._generate(self.inputs), expected, rtol=0, atol=0)
+
+    def test_static_cache_and_assisted_decoding_match_greedy(self):
+        """A static cache, an assistant model and prompt lookup give greedy decoding's tokens."""
+        single = {key: value[:1] for key, value in self.inputs.items()}  # assisted decoding takes one sample
+        expected = self._generate(single)
+        ways = {"static": {"cache_implementation": "static"}, "assisted": {"assistant_model": self.model}}
+        ways["prompt_lookup"] = {"prompt_lookup_num_tokens": 2}
+        for name, kwargs in ways.items():
+            with self.subTest(name):
+                torch.testing.assert_close(self._generate(single, **kwargs), expected)
+
+    def test_continue_from_past_key_values(self):
+        """Generating 3 tokens, then 1 more from the returned cache and the tokens so far, gives the 4 tokens of one
+        call. The media go to the first call only: their features are in the cache (transformers' Llava, too,
+        refuses media whose placeholders are all cached)."""
+        kwargs = {"max_new_tokens": 4, "do_sample": False, "suppress_tokens": self.suppress, "use_cache": True}
+        expected = self.model.generate(**self.inputs, **kwargs)
+        first = self.model.generate(**self.inputs, **{**kwargs, "max_new_tokens": 3}, return_dict_in_generate=True)
+        inputs = {"input_ids": first.sequences, "past_key_values": first.past_key_values}
+        inputs["attention_mask"] = F.pad(self.inputs["attention_mask"], (0, 3), value=1)
+        torch.testing.assert_close(self.model.generate(**inputs, **{**kwargs, "max_new_tokens": 1}), expected)
 
     def test_left_padding_changes_no_tokens(self):
         single = {key: value[:1] for key, value in self.inputs.items()}
