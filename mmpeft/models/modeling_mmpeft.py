@@ -485,10 +485,6 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             its valid tokens only (`num_audio_tokens` of its valid length), in placeholder order;
             `last_hidden_state` (num_clips, frames, audio hidden size), the tower's, padding included;
             `hidden_states` / `attentions` of the tower when asked for.
-
-        Each clip's token count is computed on the host from its mask (`num_audio_tokens`, the processor's
-        arithmetic), so a step with audio inputs cannot be traced by `torch.export` / `torch.compile(fullgraph=True)`:
-        export the decode step (generation passes audio at the first step only) or a prefill with images.
         """
         self._require("audio", self.audio_tower)
         config = self.config
@@ -611,10 +607,11 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             inputs_embeds = inputs_embeds + 0.0 * idle.to(inputs_embeds.dtype)
         return inputs_embeds, None
 
-    def prepare_inputs_for_generation(self, *args, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
         """`GenerationMixin`'s, which passes the media at the first step only (with a cache); the audio masks go
-        with their inputs, so that a decode step holds nothing but tokens."""
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        with their inputs, so that a decode step holds nothing but tokens. (`inputs_embeds` by name: `generate`
+        accepts them only from a model whose signature names them.)"""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         for name, mask in AUDIO_MASK_NAMES.items():
             if model_inputs.get(name) is None:
                 model_inputs.pop(mask, None)
