@@ -155,9 +155,15 @@ class _Unavailable:
 def mixin(module: str, name: str) -> type:
     """`name` of transformers' test module `module` (`"test_modeling_common"`), or where the sdist could not be had,
     a stand-in whose tests fail with the reason: the other tests of the suite still run."""
-    if UNAVAILABLE is None:
+    if UNAVAILABLE is not None:
+        return type(name, (_Unavailable,), {})
+    # `test_pipeline_mixin` re-runs transformers' `__init__`, which puts a new module in sys.modules["transformers"]:
+    # keep the one the rest of the suite imported.
+    installed = sys.modules["transformers"]
+    try:
         return getattr(importlib.import_module(f"{PACKAGE}.{module}"), name)
-    return type(name, (_Unavailable,), {})
+    finally:
+        sys.modules["transformers"] = installed
 
 
 try:
