@@ -502,7 +502,8 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         outputs = self.audio_tower(
             **{self.audio_tower.main_input_name: audio_inputs.to(self.audio_tower.dtype)},
             attention_mask=audio_mask,
-            output_hidden_states=output_hidden_states,
+            # Not given: the tower's own config decides (Whisper reads it only when the argument is absent).
+            **({} if output_hidden_states is None else {"output_hidden_states": output_hidden_states}),
             return_dict=True,
             **kwargs,
         )

@@ -29,10 +29,6 @@ ProcessorTesterMixin = mixin("test_processing_common", "ProcessorTesterMixin")
 GenerationTesterMixin = mixin("generation.test_utils", "GenerationTesterMixin")
 
 # Contract breaks of mmpeft that transformers' tests find, each an expected failure (strict: a fix must remove it).
-AUDIO_HIDDEN_STATES_FROM_CONFIG = (
-    "mmpeft contract: get_audio_features passes output_hidden_states=None to the Whisper encoder, which then ignores "
-    "the config's output_hidden_states=True (omit the argument when it is None)"
-)
 AUTO_MAP_AFTER_SAVE = (
     "mmpeft contract: save_pretrained of a processor registered for AutoProcessor (trust_remote_code) leaves "
     "`auto_map` on it, so its to_dict() differs from the reloaded one's"
@@ -122,7 +118,6 @@ class MMPeftModelTester:
         return config, inputs_dict
 
 
-@functools.partial(expect_failures, reasons={"test_get_audio_features_hidden_states": AUDIO_HIDDEN_STATES_FROM_CONFIG})
 class MMPeftForConditionalGenerationModelTest(
     ModelTesterMixin, GenerationTesterMixin, PipelineTesterMixin, unittest.TestCase
 ):
