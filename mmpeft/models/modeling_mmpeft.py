@@ -30,6 +30,7 @@ from transformers import (
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MultimodalCausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
@@ -237,6 +238,10 @@ class MMPeftPreTrainedModel(PreTrainedModel):
         projections, Whisper's sinusoidal `embed_positions`). The parts are transformers' own classes, which are
         not custom code; mmpeft's own modules initialise through `transformers.initialization` like theirs.
         """
+        if is_deepspeed_zero3_enabled():
+            # Under ZeRO-3 transformers gathers only the parameters not yet initialised around this call; the towers'
+            # own functions read the shapes of loaded ones too (Whisper's positions), sharded to nothing here.
+            return super().initialize_weights()
         for part in self.children():
             if isinstance(part, PreTrainedModel):
                 part.initialize_weights()
