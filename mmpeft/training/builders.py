@@ -5,9 +5,11 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 
 import datasets
 import torch
+from transformers.integrations import deepspeed as hf_deepspeed
 
 from ..data import MMPeftDataset, generate_synthetic_dataset
 from ..data.preparation import prepare_source
@@ -34,7 +36,8 @@ def reference_checkpoint() -> str:
         logger.info(f"Building the tiny reference checkpoint in {path}")
         os.makedirs(CACHE_DIR, exist_ok=True)
         building = tempfile.mkdtemp(prefix=f"{REFERENCE_NAME}.tmp-", dir=CACHE_DIR)
-        build_reference_checkpoint(building)
+        with without_zero3():
+            build_reference_checkpoint(building)
         try:
             os.replace(building, path)
         except OSError:  # another process renamed its copy first (same contents: the build is deterministic)
@@ -42,6 +45,20 @@ def reference_checkpoint() -> str:
             if not os.path.exists(os.path.join(path, "model.safetensors")):
                 raise
     return path
+
+
+@contextmanager
+def without_zero3():
+    """Construct models as plain modules, also in a ZeRO-3 run: under ZeRO-3 transformers builds every model inside
+    `deepspeed.zero.Init`, whose sharding broadcasts need every process, while the reference checkpoint is built by
+    one of them (the others wait for it) and only written to disk."""
+    active = hf_deepspeed._hf_deepspeed_config_weak_ref and hf_deepspeed._hf_deepspeed_config_weak_ref()
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if active is not None:
+            hf_deepspeed.set_hf_deepspeed_config(active)
 
 
 def load_model(args: ModelArguments, quantization_config=None):

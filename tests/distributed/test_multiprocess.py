@@ -197,7 +197,8 @@ def test_deepspeed_zero3_full_saves_complete_checkpoint(tmp_path):
 def test_deepspeed_zero3_lora_saves_adapter_with_projectors(tmp_path):
     pytest.importorskip("deepspeed")
     output = tmp_path / "zero3-lora"
-    _, weights = launch("deepspeed_zero3.yaml", output)
+    # An empty cache: one process builds the reference checkpoint while the other waits (no ZeRO-3 collectives).
+    _, weights = launch("deepspeed_zero3.yaml", output, env={"MMPEFT_CACHE": str(tmp_path / "cache")})
     adapter = json.load(open(output / "adapter_config.json"))
     assert {"vision_projector", "audio_projector"} <= set(adapter["modules_to_save"])
     base = MMPeftForConditionalGeneration.from_pretrained(adapter["base_model_name_or_path"])
