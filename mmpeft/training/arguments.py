@@ -20,6 +20,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..data.sources import MediaPolicy
 from .methods import METHODS, PART_MODULES, PART_TUNINGS, TuningMethod, check_lora_kwargs
+from .policy import PART_SETTINGS, PartPolicy, PolicyError, resolve_policy
 
 
 class ConfigError(ValueError):
@@ -228,9 +229,21 @@ class TuningArguments:
         default="lora",
         metadata={
             "help": ". ".join(f"{name}: {method.help}" for name, method in METHODS.items())
-            + ". Each *_tuning below overrides its part."
+            + ". Each part's setting below (vision: {tuning: ...} or vision_tuning) overrides its part."
         },
     )
+    vision: dict | str | None = field(
+        default_factory=dict,
+        metadata={
+            "help": "The vision tower's policy, e.g. {tuning: lora, lora_r: 8, learning_rate: 2e-5} (JSON on the "
+            "command line). Keys: "
+            + "; ".join(f"{key}: {meaning}" for key, meaning in PART_SETTINGS.items())
+            + ". Unset keys come from the flat settings (vision_tuning, lora_r, encoder_learning_rate_scale, ...)."
+        },
+    )
+    audio: dict | str | None = field(default_factory=dict, metadata={"help": "The audio tower's policy, as vision."})
+    projector: dict | str | None = field(default_factory=dict, metadata={"help": "The projectors' policy, as vision."})
+    language: dict | str | None = field(default_factory=dict, metadata={"help": "The LM's policy, as vision."})
     vision_tuning: Literal[PART_TUNINGS] | None = field(default=None, metadata={"help": "Vision tower."})
     audio_tuning: Literal[PART_TUNINGS] | None = field(default=None, metadata={"help": "Audio tower."})
     projector_tuning: Literal[PART_TUNINGS] | None = field(default=None, metadata={"help": "Projectors."})
@@ -265,6 +278,23 @@ class TuningArguments:
             "help": "Other peft.LoraConfig fields, passed through (e.g. {use_rslora: true, init_lora_weights: "
             "pissa}; JSON on the command line). They override the method's own (dora's use_dora); the fields "
             "set by the settings above (r, lora_alpha, lora_dropout, target_modules, modules_to_save) are refused."
+        },
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA+: LoRA's B matrices train at this multiple of their part's learning rate (the LoRA+ paper "
+            "suggests 16 for LLMs); unset: the same rate as A."
+        },
+    )
+    trainable_tokens: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Tokens whose embedding rows train (and are saved with the adapter) while the rest of the LM's "
+            "embedding stays frozen (PEFT trainable_token_indices), e.g. the chat markers mmpeft adds to a pretrained "
+            "LM that lacks them: ['<|im_start|>', '<|im_end|>']. The <image> / <audio> rows train only where a "
+            "placeholder stands without its media (elsewhere the media features replace them). Needs an adapter "
+            "method and a language part not trained fully."
         },
     )
 
@@ -303,7 +333,28 @@ class TuningArguments:
             raise ConfigError(f"encoder_learning_rate_scale must be in (0, 1], got {self.encoder_learning_rate_scale}")
         if self.lora_r < 1:
             raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
-        self.lora_kwargs = _lora_kwargs(self.lora_kwargs)
+        self.lora_kwargs = _json_mapping("lora_kwargs", self.lora_kwargs)
+        for part in PART_MODULES:
+            setattr(self, part, _json_mapping(part, getattr(self, part)))
+        try:
+            self.components  # the resolved policy, and the method's adapter consistent with it
+        except PolicyError as error:
+            raise ConfigError(str(error)) from None
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise ConfigError(f"loraplus_lr_ratio: a positive number, got {self.loraplus_lr_ratio}")
+        if self.loraplus_lr_ratio is not None and "lora" not in self.components.values():
+            raise ConfigError("loraplus_lr_ratio: LoRA+ needs a part with tuning: lora")
+        if self.trainable_tokens and not self.tuning_method.uses_adapter:
+            raise ConfigError(f"trainable_tokens: needs an adapter method (lora, ...); method {self.method} has none")
+        if self.trainable_tokens and self.components["language"] == "full":
+            raise ConfigError("trainable_tokens: language trains fully, every embedding row trains already")
+        if self.tuning_method.quantized:
+            trained = [part for part in self.quantized_parts if self.components[part] == "full"]
+            if trained:
+                raise ConfigError(
+                    f"quantized_parts: {', '.join(trained)} trains fully, and quantized weights cannot be trained: "
+                    "quantize frozen or LoRA parts only"
+                )
         try:
             check_lora_kwargs(self.lora_kwargs)
         except ValueError as error:
@@ -320,13 +371,14 @@ class TuningArguments:
         return METHODS[self.method]
 
     @property
+    def policy(self) -> dict[str, PartPolicy]:
+        """`{part: PartPolicy}`: how each part trains (`mmpeft.training.policy.resolve_policy`)."""
+        return resolve_policy(self)
+
+    @property
     def components(self) -> dict[str, str]:
-        """`{part: frozen | lora | full}` after applying the method's defaults."""
-        chosen = dict(self.tuning_method.parts)
-        for part in chosen:
-            override = getattr(self, f"{part}_tuning")
-            if override is not None:
-                chosen[part] = override
+        """`{part: frozen | lora | full}` after applying the method's defaults and the part settings."""
+        chosen = {part: policy.tuning for part, policy in self.policy.items()}
         uses_lora = "lora" in chosen.values()
         if not self.tuning_method.uses_adapter and uses_lora:
             adapters = [name for name, method in METHODS.items() if method.uses_adapter]
@@ -339,17 +391,18 @@ class TuningArguments:
         return chosen
 
 
-def _lora_kwargs(value) -> dict:
-    """`lora_kwargs` as a dict: as given in YAML, or parsed from the JSON of a command-line flag."""
+def _json_mapping(name: str, value) -> dict:
+    """Setting `name` (lora_kwargs, vision, ...) as a dict: as given in YAML, or parsed from the JSON of a
+    command-line flag."""
     if value is None:
         return {}
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
-            raise ConfigError(f"lora_kwargs: not a JSON object ({error}): {value}") from None
+            raise ConfigError(f"{name}: not a JSON object ({error}): {value}") from None
     if not isinstance(value, dict):
-        raise ConfigError(f"lora_kwargs: a mapping of peft.LoraConfig fields to values, got {value!r}")
+        raise ConfigError(f"{name}: a mapping of settings to values, got {value!r}")
     return value
 
 

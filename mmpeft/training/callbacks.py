@@ -1,6 +1,6 @@
 """Callbacks of an mmpeft run: what `MMPeftTrainer` measures (peak memory, throughput and data wait), a clean stop on
 SIGINT / SIGTERM, gradient checkpointing kept out of the encoders, mmpeft's settings in the W&B run, and the run
-summary (`run_summary.json`)."""
+summary (`run_summary.json`), and the check that the first optimizer step trained what the policy says."""
 
 import logging
 import os
@@ -15,6 +15,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..summary import RunSummary
+from .policy import part_of_parameter
 
 
 logger = logging.getLogger("mmpeft")
@@ -223,7 +224,107 @@ class RunSummaryCallback(TrainerCallback):
             self.summary.save(args.output_dir)
 
 
+# Signed integer type of each element size: a weight's bits are summed as integers, so any change to any bit of it
+# changes its fingerprint (barring an exact compensation), whatever its dtype (floats, 4-bit packed bytes, ...).
+BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def fingerprint(parameter: torch.Tensor) -> int:
+    """Sum of the bit patterns of this process's share of `parameter` (the local shard under ZeRO-3 or FSDP2):
+    one pass over the weights, no copy of them kept, so that a 7B model can be checked."""
+    local = getattr(parameter, "ds_tensor", None)  # ZeRO-3 keeps this process's partition here
+    if local is None:
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter  # FSDP2's DTensor
+    bits = local.detach().reshape(-1).view(BITS_OF_SIZE[local.element_size()])
+    return sum(int(chunk.sum(dtype=torch.int64)) for chunk in bits.split(2**24))
+
+
+class PolicyCheckError(RuntimeError):
+    """The first optimizer step left a part that should train unchanged, or changed a frozen weight."""
+
+
+class PolicyCheckCallback(TrainerCallback):
+    """After the first optimizer step at a non-zero learning rate: every part whose policy trains it (`lora` / `full`)
+    has changed, and every frozen weight (frozen parts, the base weights under LoRA) is bit-identical. One log line
+    when it holds, `PolicyCheckError` naming the parts and weights when not: projectors or an audio LoRA that
+    silently do not train, or a frozen encoder that does, cannot go unnoticed.
+
+    Args:
+        policy: `{part: PartPolicy}` of the run.
+        trainable_modules: modules trained fully on purpose inside any part (`TuningArguments.trainable_modules`).
+    """
+
+    MAX_SKIPPED_STEPS = 3  # fp16 loss scaling skips the steps that overflow, at the start: nothing changes in them
+
+    def __init__(self, policy: dict, trainable_modules=()):
+        self.policy, self.trainable_modules = policy, tuple(trainable_modules)
+        self.before, self.present, self.skipped = None, set(), 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {name: (p.requires_grad, fingerprint(p)) for name, p in model.named_parameters()}
+        self.present = {self._part(name) for name in self.before}
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.before is None:
+            return
+        if optimizer is not None and not any(group["lr"] for group in optimizer.param_groups):
+            return  # a step at learning rate 0 (the first of a warmup from 0, a run at 0) changes nothing
+        step = state.global_step + 1  # counted once the step is done
+        changed = {name for name, p in model.named_parameters() if fingerprint(p) != self.before[name][1]}
+        trained = [part for part, how in self.policy.items() if how.tuning != "frozen" and part in self.present]
+        frozen_changed = sorted(
+            name
+            for name in changed
+            if not self.before[name][0] or (self.policy[self._part(name)].tuning == "frozen" and not self._extra(name))
+        )
+        # Per part: did any of its trainable weights change; did any weight it must keep change. Under ZeRO-3 /
+        # FSDP each process sees its shards only: the flags are combined over all processes.
+        flags = torch.tensor(
+            [any(self._part(n) == part and self.before[n][0] for n in changed) for part in trained]
+            + [any(self._part(n) == part for n in frozen_changed) for part in self.policy],
+            dtype=torch.int32,
+            device=args.device,
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        trained_changed = dict(zip(trained, flags[: len(trained)].tolist()))
+        kept_changed = [part for part, flag in zip(self.policy, flags[len(trained) :].tolist()) if flag]
+        if not any(trained_changed.values()) and not kept_changed and self.skipped < self.MAX_SKIPPED_STEPS:
+            self.skipped += 1  # a skipped step (fp16 overflow): check the next one
+            return
+        self.before = None
+        idle = [part for part, flag in trained_changed.items() if not flag]
+        if idle or kept_changed:
+            problems = [
+                f"{part} should train ({self.policy[part].tuning}) but none of its weights changed" for part in idle
+            ] + [
+                f"{part} has frozen weights that changed: {self._examples(frozen_changed, part)}"
+                for part in kept_changed
+            ]
+            raise PolicyCheckError(f"policy check after step {step}: " + "; ".join(problems))
+        frozen = [part for part, how in self.policy.items() if how.tuning == "frozen" and part in self.present]
+        logger.info(
+            f"Policy check after step {step}: trained parts changed ({', '.join(trained) or 'none'}); "
+            f"frozen weights bit-identical ({', '.join([*frozen, 'the base weights under LoRA'])})"
+        )
+
+    def _part(self, name: str) -> str:
+        return part_of_parameter(name) or "language"
+
+    def _extra(self, name: str) -> bool:
+        """A weight trained on purpose inside a frozen part: trainable_modules, trainable token rows."""
+        plain = name.removeprefix("base_model.model.")
+        return "trainable_tokens_" in name or any(plain.startswith(f"{module}.") for module in self.trainable_modules)
+
+    @staticmethod
+    def _examples(names: list[str], part: str) -> str:
+        mine = [name for name in names if (part_of_parameter(name) or "language") == part]
+        return ", ".join(mine[:3]) + (f" and {len(mine) - 3} more" if len(mine) > 3 else "")
+
+
 __all__ = [
+    "PolicyCheckCallback",
+    "PolicyCheckError",
     "DataClock",
     "EncoderCheckpointingCallback",
     "LogResume",

@@ -37,7 +37,8 @@ RUN_SETTINGS = {
         "data_seed_mixing",
     ),
     "tuning": (
-        "method", "vision_tuning", "audio_tuning", "projector_tuning", "language_tuning", "trainable_modules",
+        "method", "vision_tuning", "audio_tuning", "projector_tuning", "language_tuning", "vision", "audio",
+        "projector", "language", "loraplus_lr_ratio", "trainable_tokens", "trainable_modules",
         "encoder_learning_rate_scale", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_kwargs",
         "quantization_bits", "quantization_type", "double_quant", "quantized_parts", "keep_unquantized",
     ),

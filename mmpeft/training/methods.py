@@ -63,6 +63,9 @@ LORA_FIELDS_SET_BY_MMPEFT = {
     "lora_dropout": "lora_dropout",
     "target_modules": "lora_target_modules",
     "modules_to_save": "trainable_modules or *_tuning: full",
+    "rank_pattern": "each part's lora_r (vision: {lora_r: 8})",
+    "alpha_pattern": "each part's lora_alpha",
+    "trainable_token_indices": "trainable_tokens",
 }
 
 
@@ -81,14 +84,13 @@ def check_lora_kwargs(lora_kwargs: dict) -> None:
 
 
 def lora_config(args, target_modules: str, modules_to_save: list[str] | None, **settings) -> LoraConfig:
-    """LoRA on the layers `target_modules` matches (`args.lora_target_modules` when set), with `modules_to_save`
-    trained fully and saved in the adapter. `settings` are the method's own `LoraConfig` fields (DoRA:
-    `use_dora=True`); `args.lora_kwargs` come last and override them."""
+    """LoRA on the layers `target_modules` matches, with `modules_to_save` trained fully and saved in the adapter.
+    `settings` are the method's own `LoraConfig` fields (DoRA: `use_dora=True`) and the per-part layout (rank,
+    alpha, dropout, `rank_pattern`, ...; default: the flat `lora_*` settings); `args.lora_kwargs` come last and
+    override them."""
+    settings = {"r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, **settings}
     return LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=args.lora_target_modules or target_modules,
+        target_modules=target_modules,
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
         **{**settings, **args.lora_kwargs},

@@ -27,11 +27,17 @@ from ..summary import RunSummary
 from ..tracking import WandbTracking
 from .arguments import DataArguments, MMPeftTrainingArguments, ModelArguments, TuningArguments
 from .builders import check_streaming, load_datasets, load_model, reference_checkpoint
-from .callbacks import EncoderCheckpointingCallback, LogResume, RunSummaryCallback, WandbRunInfoCallback
+from .callbacks import (
+    EncoderCheckpointingCallback,
+    LogResume,
+    PolicyCheckCallback,
+    RunSummaryCallback,
+    WandbRunInfoCallback,
+)
 from .checkpoints import checkpoint_to_resume, lock_output_dir, remove_incomplete_checkpoints, run_settings
-from .quantization import describe_precision, quantization_config
+from .quantization import quantization_config
 from .trainer import MMPeftTrainer
-from .tuning import count_parameters, describe_trainable, setup_tuning
+from .tuning import count_parameters, describe_policy, setup_tuning
 
 
 logger = logging.getLogger("mmpeft")
@@ -151,10 +157,10 @@ class Run:
             )
 
         # Tuning.
-        model = setup_tuning(model, tuning_args)
+        model = setup_tuning(model, tuning_args, processor.tokenizer)
         trainable, total = count_parameters(model)
-        logger.info(f"Trainable parameters per part:\n{describe_trainable(model)}")
-        logger.info(f"Precision per part:\n{describe_precision(model)}")
+        policy = tuning_args.policy
+        logger.info(f"Policy per part:\n{describe_policy(model, policy, args.learning_rate, args.weight_decay)}")
 
         # Trainer.
         trainer = MMPeftTrainer(
@@ -169,9 +175,11 @@ class Run:
             generation_dataset=generation_dataset,
             generation_metrics=args.generation_metrics,
             generation_max_new_tokens=args.generation_max_new_tokens,
-            encoder_learning_rate_scale=tuning_args.encoder_learning_rate_scale,
+            policy=policy,
+            loraplus_lr_ratio=tuning_args.loraplus_lr_ratio,
             run_settings=settings,
         )
+        trainer.add_callback(PolicyCheckCallback(policy, tuning_args.trainable_modules))
         if args.gradient_checkpointing and not tuning_args.encoder_gradient_checkpointing:
             trainer.add_callback(EncoderCheckpointingCallback())
         if args.early_stopping_patience is not None:

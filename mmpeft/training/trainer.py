@@ -5,7 +5,6 @@ known lengths, logits only where a loss needs them, and packed attention for pad
 (`mmpeft.training.packing`)."""
 
 import os
-import re
 
 import torch.nn.functional as F
 from accelerate.data_loader import prepare_data_loader
@@ -21,12 +20,11 @@ from ..data.streaming import StreamingDataset
 from ..inference import evaluate_generation
 from .callbacks import DataClock, PeakMemory, StopOnSignalCallback
 from .checkpoints import clear_disk_full_error, mark_complete, unmark
-from .methods import PART_MODULES
 from .packing import check_padding_free_attention, use_packed_attention
+from .policy import optimizer_groups
 
 
 # Parameters of the encoders, whatever wraps the model (PEFT, DDP).
-ENCODER_PARAMETER = re.compile(rf"(^|\.)({'|'.join(PART_MODULES['vision'] + PART_MODULES['audio'])})\.")
 
 
 def logits_for_labels_only(inputs: dict) -> dict:
@@ -54,7 +52,8 @@ class MMPeftTrainer(Trainer):
             last assistant turn of each is the reference).
         generation_metrics: metric names (`mmpeft.metrics.METRICS`); `accuracy` is exact match.
         generation_max_new_tokens: longest answer generated.
-        encoder_learning_rate_scale: learning rate of encoder parameters relative to the others.
+        policy: `{part: PartPolicy}` (`TuningArguments.policy`): each part's learning rate and weight decay.
+        loraplus_lr_ratio: LoRA+: LoRA's B matrices train at this multiple of their part's learning rate.
         run_settings: the settings a checkpoint is saved with (`mmpeft.training.checkpoints.run_settings`), compared
             when resuming.
         All other arguments are `transformers.Trainer`'s.
@@ -66,7 +65,8 @@ class MMPeftTrainer(Trainer):
         generation_dataset=None,
         generation_metrics=("accuracy",),
         generation_max_new_tokens=32,
-        encoder_learning_rate_scale=1.0,
+        policy=None,
+        loraplus_lr_ratio=None,
         run_settings=None,
         **kwargs,
     ):
@@ -74,7 +74,7 @@ class MMPeftTrainer(Trainer):
         self.run_settings = run_settings
         self.stop_on_signal = StopOnSignalCallback(self.accelerator)
         self.add_callback(self.stop_on_signal)
-        self.encoder_learning_rate_scale = encoder_learning_rate_scale
+        self.policy, self.loraplus_lr_ratio = policy, loraplus_lr_ratio
         self.generation_dataset = generation_dataset
         self.load_report = SkipReport()
         self.generation_metric_names = list(generation_metrics)
@@ -125,22 +125,21 @@ class MMPeftTrainer(Trainer):
         return self.stop_on_signal.received
 
     def create_optimizer(self, model=None):
-        """Trainer's optimizer, with encoder parameters moved to groups of `encoder_learning_rate_scale` x lr."""
+        """Trainer's optimizer, its parameter groups split per part at the part's learning rate and weight decay
+        (`policy`), LoRA's B matrices at `loraplus_lr_ratio` x their part's rate with LoRA+."""
         optimizer = super().create_optimizer(model)
-        if self.encoder_learning_rate_scale == 1.0:
+        if self.policy is None:
             return optimizer
         model = self.model if model is None else model
-        encoder = {id(p) for name, p in model.named_parameters() if ENCODER_PARAMETER.search(name)}
-        groups = []
-        for group in optimizer.param_groups:
-            options = {key: value for key, value in group.items() if key != "params"}
-            for params, scale in (
-                ([p for p in group["params"] if id(p) not in encoder], 1.0),
-                ([p for p in group["params"] if id(p) in encoder], self.encoder_learning_rate_scale),
-            ):
-                if params:
-                    groups.append({**options, "params": params, "lr": options["lr"] * scale})
-        optimizer.param_groups = groups
+        optimizer.param_groups = optimizer_groups(
+            optimizer.param_groups,
+            model.named_parameters(),
+            set(self.get_decay_parameter_names(model)),
+            self.policy,
+            self.args.learning_rate,
+            self.args.weight_decay,
+            self.loraplus_lr_ratio,
+        )
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

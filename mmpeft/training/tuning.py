@@ -7,8 +7,10 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .arguments import TuningArguments
+from .arguments import ConfigError, TuningArguments
 from .methods import PART_MODULES
+from .policy import ALL_LINEAR, MODULE_PARTS
+from .quantization import precision_summary
 
 
 logger = logging.getLogger(__name__)
@@ -34,10 +36,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return PeftModel.get_nb_trainable_parameters(model)
 
 
-def setup_tuning(model, args: TuningArguments):
-    """Freeze / unfreeze parts and add LoRA adapters as `args` says; returns the model to train (a
-    `PeftModel` when any part uses LoRA). Parts a model lacks (no audio tower, ...) are skipped."""
-    components = args.components
+def setup_tuning(model, args: TuningArguments, tokenizer=None):
+    """Freeze / unfreeze parts and add LoRA adapters as the policy of `args` says (`args.policy`); returns the model
+    to train (a `PeftModel` when any part uses LoRA). Parts a model lacks (no audio tower, ...) are skipped.
+    `tokenizer` resolves `args.trainable_tokens` to ids."""
+    policy = args.policy
     present = {
         part: [m for m in modules if getattr(model, m, None) is not None] for part, modules in PART_MODULES.items()
     }
@@ -52,9 +55,9 @@ def setup_tuning(model, args: TuningArguments):
         # Freeze and prepare the quantized LM only: PEFT's helper upcasts every non-quantized parameter to
         # fp32, which the encoders do not need.
         prepare_model_for_kbit_training(model.language_model, use_gradient_checkpointing=False)
-    lora_modules = [m for part, how in components.items() if how == "lora" for m in present[part]]
-    full_modules = [m for part, how in components.items() if how == "full" for m in present[part]]
-    if not lora_modules:
+    lora_parts = [part for part, how in policy.items() if how.tuning == "lora" and present[part]]
+    full_modules = [m for part, how in policy.items() if how.tuning == "full" for m in present[part]]
+    if not lora_parts:
         model.requires_grad_(False)
         for name in [*full_modules, *args.trainable_modules]:
             model.get_submodule(name).requires_grad_(True)
@@ -62,11 +65,69 @@ def setup_tuning(model, args: TuningArguments):
 
     config = method.adapter(
         args,
-        target_modules=lora_target_regex(model, lora_modules),
         # Fully trained parts live in the adapter checkpoint too, so a LoRA run never loses its projectors.
         modules_to_save=[*full_modules, *args.trainable_modules] or None,
+        **lora_layout(model, {part: policy[part] for part in lora_parts}, present, args.lora_target_modules),
+        **({"trainable_token_indices": token_ids(tokenizer, args.trainable_tokens)} if args.trainable_tokens else {}),
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    set_lora_dropout(model, {part: policy[part].lora_dropout for part in lora_parts})
+    return model
+
+
+def lora_layout(model, lora_policy: dict, present: dict, target_regex: str | None = None) -> dict:
+    """The `LoraConfig` fields that place LoRA on the parts of `lora_policy` (`{part: PartPolicy}`): the layers
+    to adapt (`target_modules`: each part's, joined; `target_regex` instead when given) and the rank and alpha,
+    the first part's for the adapter and `rank_pattern` / `alpha_pattern` entries for parts that differ."""
+    regexes = []
+    for part, how in lora_policy.items():
+        targets, modules = how.lora_target_modules, present[part]
+        if targets is None or targets == ALL_LINEAR:
+            regexes.append(lora_target_regex(model, modules))
+        elif isinstance(targets, list):
+            regexes.append(rf"({'|'.join(map(re.escape, modules))})\.(.*\.)?({'|'.join(map(re.escape, targets))})")
+        else:
+            regexes.append(targets)
+    first = next(iter(lora_policy.values()))
+    rank_pattern, alpha_pattern = {}, {}
+    for part, how in lora_policy.items():
+        for module in present[part]:
+            # PEFT matches a pattern key against the end of each module name, after any prefix.
+            if how.lora_r != first.lora_r:
+                rank_pattern[rf"{re.escape(module)}\..*"] = how.lora_r
+            if how.lora_alpha != first.lora_alpha:
+                alpha_pattern[rf"{re.escape(module)}\..*"] = how.lora_alpha
+    return {
+        "target_modules": target_regex or "|".join(f"(?:{regex})" for regex in regexes),
+        "r": first.lora_r,
+        "lora_alpha": first.lora_alpha,
+        "lora_dropout": first.lora_dropout,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+    }
+
+
+def set_lora_dropout(model, dropout: dict[str, float]) -> None:
+    """Each part's LoRA dropout on its layers. PEFT configures dropout per adapter (its layers keep one module
+    each), so parts with their own rate get theirs here, after the adapter is added; dropout acts in training
+    only, so the saved adapter loads the same whatever rate it trained with."""
+    for name, module in model.get_base_model().named_modules():
+        part = MODULE_PARTS.get(name.split(".", 1)[0])
+        if part not in dropout or not isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
+            continue
+        for adapter in module.lora_dropout:
+            module.lora_dropout[adapter] = nn.Dropout(dropout[part]) if dropout[part] > 0 else nn.Identity()
+
+
+def token_ids(tokenizer, tokens: list[str]) -> list[int]:
+    """The ids of `tokens`, each a single token of `tokenizer`; raises `ConfigError` naming those that are not."""
+    if tokenizer is None:
+        raise ConfigError("trainable_tokens: needs the tokenizer to find the tokens' ids")
+    vocabulary = tokenizer.get_vocab()
+    missing = [token for token in tokens if token not in vocabulary]
+    if missing:
+        raise ConfigError(f"trainable_tokens: {missing} are not tokens of the model's tokenizer")
+    return sorted({vocabulary[token] for token in tokens})
 
 
 def describe_trainable(model) -> str:
@@ -83,4 +144,46 @@ def describe_trainable(model) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PART_MODULES", "count_parameters", "describe_trainable", "lora_target_regex", "setup_tuning"]
+def describe_policy(model, policy: dict, learning_rate: float, weight_decay: float) -> str:
+    """The run's policy as a table, one row per part the model has: tuning, trainable / total parameters, learning
+    rate, weight decay, LoRA rank and the precisions its weights are held in; then the totals and the memory
+    footprint."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    precisions = precision_summary(model)
+    rows = [("part", "tuning", "trainable / total", "learning rate", "weight decay", "LoRA rank", "precision")]
+    for part, how in policy.items():
+        modules = [m for m in PART_MODULES[part] if getattr(base, m, None) is not None]
+        if not modules:
+            continue
+        counts = [count_parameters(getattr(base, m)) for m in modules]
+        trainable, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        trains = how.tuning != "frozen"
+        rows.append(
+            (
+                part,
+                how.tuning,
+                f"{trainable:,} / {total:,}",
+                f"{how.resolved_learning_rate(learning_rate):.3g}" if trains else "-",
+                f"{how.resolved_weight_decay(weight_decay):.3g}" if trains else "-",
+                str(how.lora_r) if how.tuning == "lora" else "-",
+                ", ".join(sorted({kind for m in modules for kind in precisions.get(m, {})})),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    trainable, total = count_parameters(model)
+    lines.append(
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    )
+    lines.append(f"memory footprint: {base.get_memory_footprint() / 2**20:.2f} MiB")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "PART_MODULES",
+    "count_parameters",
+    "describe_policy",
+    "describe_trainable",
+    "lora_target_regex",
+    "setup_tuning",
+]

@@ -1,4 +1,5 @@
 import random
+import re
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from mmpeft.data import MMPeftDataCollator, MMPeftDataset, prepare_examples
 from mmpeft.training import MMPeftTrainer, MMPeftTrainingArguments, TuningArguments, setup_tuning
-from mmpeft.training.trainer import ENCODER_PARAMETER, logits_for_labels_only
+from mmpeft.training.trainer import logits_for_labels_only
 
 
 @pytest.mark.parametrize(
@@ -15,16 +16,18 @@ from mmpeft.training.trainer import ENCODER_PARAMETER, logits_for_labels_only
 )
 def test_encoders_train_at_a_scaled_learning_rate(settings, tok, tmp_path):
     model, processor = build(tok=tok)
-    model = setup_tuning(model, TuningArguments(**settings))
+    tuning = TuningArguments(**settings, encoder_learning_rate_scale=0.1)
+    model = setup_tuning(model, tuning)
     args = MMPeftTrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to="none", weight_decay=0.1)
-    trainer = MMPeftTrainer(model=model, args=args, processing_class=processor, encoder_learning_rate_scale=0.1)
+    trainer = MMPeftTrainer(model=model, args=args, processing_class=processor, policy=tuning.policy)
     optimizer = trainer.create_optimizer()
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     assert len(lr_of) == len(trainable)  # every trainable parameter is optimised, once
-    encoders = [p for name, p in trainable if ENCODER_PARAMETER.search(name)]
+    encoder = re.compile(r"(^|\.)(vision_tower|audio_tower)\.")
+    encoders = [p for name, p in trainable if encoder.search(name)]
     assert encoders and all(lr_of[id(p)] == pytest.approx(1e-4) for p in encoders)
-    assert all(lr_of[id(p)] == pytest.approx(1e-3) for name, p in trainable if not ENCODER_PARAMETER.search(name))
+    assert all(lr_of[id(p)] == pytest.approx(1e-3) for name, p in trainable if not encoder.search(name))
     assert {group["weight_decay"] for group in optimizer.param_groups} == {0.0, 0.1}  # decay split kept
 
 
