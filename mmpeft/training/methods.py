@@ -2,6 +2,7 @@
 quantizes the model. Adding a method is adding a row to `METHODS`: the arguments (choices, help, validation),
 `setup_tuning`, `quantization_config` and the model loading all read the table."""
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import partial
@@ -10,6 +11,7 @@ import torch
 from peft import LoraConfig, PeftConfig
 from peft import __version__ as PEFT_VERSION
 from transformers import BitsAndBytesConfig
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 
 # Tuning part -> the model's root-level modules it covers.
@@ -102,10 +104,20 @@ def compute_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
+def shards_parameters() -> bool:
+    """Whether this run shards parameters over processes: FSDP (accelerate's launcher sets `ACCELERATE_USE_FSDP`)
+    or DeepSpeed ZeRO-3."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes") or is_deepspeed_zero3_enabled()
+
+
 def bitsandbytes_config(args) -> BitsAndBytesConfig:
     """QLoRA's quantization policy: `args.quantized_parts` in 4 or 8 bits (`args.quantization_bits`), the other
     parts and the modules in `args.keep_unquantized` unquantized. The skip list is always given in full: once
-    bitsandbytes gets one it stops skipping `lm_head` by itself."""
+    bitsandbytes gets one it stops skipping `lm_head` by itself.
+
+    Under FSDP or ZeRO-3, 4-bit weights are stored in the compute dtype (`bnb_4bit_quant_storage`): both flatten
+    the parameters they shard together into buffers of one dtype, so packed 4-bit weights must share the dtype of
+    the unquantized ones beside them (as PEFT's and bitsandbytes' FSDP-QLoRA guides set it)."""
     keep = [m for part, modules in PART_MODULES.items() if part not in args.quantized_parts for m in modules]
     keep += args.keep_unquantized
     if args.quantization_bits == 8:
@@ -115,7 +127,7 @@ def bitsandbytes_config(args) -> BitsAndBytesConfig:
         bnb_4bit_quant_type=args.quantization_type,
         bnb_4bit_use_double_quant=args.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(),
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=compute_dtype() if shards_parameters() else torch.uint8,
         llm_int8_skip_modules=keep,
     )
 
@@ -143,4 +155,5 @@ __all__ = [
     "check_lora_kwargs",
     "compute_dtype",
     "lora_config",
+    "shards_parameters",
 ]

@@ -24,6 +24,7 @@ from mmpeft.training import (
     quantization_config,
 )
 from mmpeft.training.callbacks import PolicyCheckCallback, PolicyCheckError
+from mmpeft.training.methods import compute_dtype
 from mmpeft.training.tuning import setup_tuning
 
 
@@ -217,3 +218,17 @@ def test_quantized_encoders_train_lora_and_keep_their_base_weights(tok, tmp_path
     model = setup_tuning(model, args)
     check_one_step(model, processor, args.policy)  # raises unless the 4-bit vision LoRA trained, its base kept
 
+
+def test_qlora_under_fsdp_stores_4bit_weights_in_the_compute_dtype(monkeypatch, tmp_path, tok):
+    pytest.importorskip("bitsandbytes")
+    args = TuningArguments(method="qlora")
+    assert quantization_config(args).bnb_4bit_quant_storage == torch.uint8
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    config = quantization_config(args)
+    assert config.bnb_4bit_quant_storage == compute_dtype()
+    reference, processor = build(tok=tok)
+    reference.save_pretrained(tmp_path)
+    model = MMPeftForConditionalGeneration.from_pretrained(tmp_path, quantization_config=config)
+    packed = [p for p in model.parameters() if type(p).__name__ == "Params4bit"]
+    assert packed and {p.dtype for p in packed} == {compute_dtype()}
+    check_one_step(setup_tuning(model, args), processor, args.policy)
