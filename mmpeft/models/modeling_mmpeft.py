@@ -31,6 +31,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MultimodalCausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
@@ -291,6 +292,9 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
             if sub_config
         ) + ("text",)
         self.post_init()
+        # Per instance, as post_init sets it and as transformers (device maps) and accelerate (FSDP auto wrap) read
+        # it: which layers a model holds depends on its config. post_init's union of the parts' lists is replaced.
+        self._no_split_modules = self._layer_classes()
         if self._auto_class is not None:
             # `save_pretrained` records one Auto class per model class in `auto_map`; add the others it is: a causal
             # LM, and a multimodal LM (the `any-to-any` pipeline's class).
@@ -385,9 +389,30 @@ class MMPeftForConditionalGeneration(MMPeftPreTrainedModel, GenerationMixin):
         for projector in (model.vision_projector, model.audio_projector):
             if projector is not None:
                 projector.apply(model._init_weights)
+        # The shell's were its own parts'; the classes are the same for the same configs, but take them from the
+        # parts the model now holds.
+        model._no_split_modules = model._layer_classes()
         if dtype is not None:
             model.to(dtype)
         return model
+
+    def _layer_classes(self) -> set[str]:
+        """Names of the classes of this composition's layers: what `device_map` keeps on one device and FSDP shards
+        one by one (accelerate's `TRANSFORMER_BASED_WRAP` reads `model._no_split_modules` when no
+        `transformer_layer_cls_to_wrap` is given).
+
+        Each part's own `_no_split_modules`, plus the classes of its `GradientCheckpointingLayer`s, the layers
+        transformers checkpoints one at a time: some encoder classes declare no `_no_split_modules` (Wav2Vec2,
+        WavLM) or not the layer variant their config builds (HuBERT's stable-layer-norm layers). Kept to the
+        classes the model holds: a part's list also names what mmpeft does not build (Whisper's decoder layers,
+        SigLIP's text embeddings and dropped pooling head).
+        """
+        names = set()
+        for part in (self.vision_tower, self.audio_tower, self.language_model):
+            if part is not None:
+                names.update(getattr(part, "_no_split_modules", None) or ())
+                names.update(type(m).__name__ for m in part.modules() if isinstance(m, GradientCheckpointingLayer))
+        return names & {type(module).__name__ for module in self.modules()}
 
     def _token_reduction(self, part: str) -> tuple[TokenReduction, int]:
         """How the config has the tokens of `part` (`"vision"` / `"audio"`) reduced, and by what factor."""

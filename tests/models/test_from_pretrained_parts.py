@@ -149,3 +149,32 @@ def test_new_encoder_family_is_one_row(parts, tmp_path, monkeypatch):
     model(**text_only, labels=text_only["input_ids"]).loss.backward()
     for part in ("vision_tower", "audio_tower"):
         assert all(p.grad is not None for p in getattr(model, part).parameters() if p.requires_grad), part
+
+
+@pytest.mark.parametrize("audio", ["whisper", "wav2vec2"])
+def test_no_split_modules_are_the_layers_of_the_parts(parts, audio, tmp_path):
+    # What device maps keep whole and FSDP shards layer by layer: taken from the parts the model was composed of,
+    # the same built from its config and reloaded, and read by accelerate's FSDP2 auto-wrap policy as it is.
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    root, _ = parts
+    model, _ = MMPeftForConditionalGeneration.from_pretrained_parts(
+        text=root / "lm", vision=root / "clip", audio=root / audio
+    )
+    # Wav2Vec2Model declares no `_no_split_modules`: its layers are found as the layers transformers checkpoints.
+    audio_layers = {
+        "whisper": {"WhisperEncoderLayer"},
+        "wav2vec2": {"Wav2Vec2EncoderLayer", "Wav2Vec2GroupNormConvLayer", "Wav2Vec2NoLayerNormConvLayer"},
+    }[audio]
+    # Not CLIP's text embeddings nor Whisper's decoder layers, which the parts name but the model does not hold.
+    expected = {"Qwen2DecoderLayer", "CLIPEncoderLayer", "CLIPVisionEmbeddings"} | audio_layers
+    assert model._no_split_modules == expected
+    model.save_pretrained(tmp_path)
+    assert MMPeftForConditionalGeneration.from_pretrained(tmp_path)._no_split_modules == expected
+    assert MMPeftForConditionalGeneration(model.config)._no_split_modules == expected
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = [name for name, module in model.named_modules() if policy(module)]
+    assert {type(model.get_submodule(name)).__name__ for name in wrapped} == expected
