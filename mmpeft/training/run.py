@@ -29,6 +29,7 @@ from .arguments import DataArguments, MMPeftTrainingArguments, ModelArguments, T
 from .builders import check_streaming, load_datasets, load_model, reference_checkpoint
 from .callbacks import EncoderCheckpointingCallback, LogResume, RunSummaryCallback, WandbRunInfoCallback
 from .checkpoints import checkpoint_to_resume, lock_output_dir, remove_incomplete_checkpoints, run_settings
+from .modality_adapters import check_settings as check_modality_settings
 from .quantization import describe_precision, quantization_config
 from .trainer import MMPeftTrainer
 from .tuning import count_parameters, describe_trainable, setup_tuning
@@ -101,6 +102,7 @@ class Run:
             training_args,
         )
         self.callbacks = list(callbacks)
+        check_modality_settings(tuning_args, training_args)  # adapter_per_modality, before any data is prepared
         # mmpeft pushes itself, once the output is complete on disk (the Trainer would create the repo up front);
         # the token stays out of the arguments the Trainer saves (training_args.bin) and logs.
         self.push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False

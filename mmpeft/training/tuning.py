@@ -9,6 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .arguments import TuningArguments
 from .methods import PART_MODULES
+from .modality_adapters import add_modality_adapters, check_settings
 
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def setup_tuning(model, args: TuningArguments):
     """Freeze / unfreeze parts and add LoRA adapters as `args` says; returns the model to train (a
     `PeftModel` when any part uses LoRA). Parts a model lacks (no audio tower, ...) are skipped."""
+    check_settings(args)  # adapter_per_modality: refused here when it cannot work
     components = args.components
     present = {
         part: [m for m in modules if getattr(model, m, None) is not None] for part, modules in PART_MODULES.items()
@@ -66,6 +68,8 @@ def setup_tuning(model, args: TuningArguments):
         # Fully trained parts live in the adapter checkpoint too, so a LoRA run never loses its projectors.
         modules_to_save=[*full_modules, *args.trainable_modules] or None,
     )
+    if args.adapter_per_modality:  # one LoRA adapter per modality: mmpeft.training.modality_adapters
+        return add_modality_adapters(model, config)
     return get_peft_model(model, config)
 
 
