@@ -16,6 +16,7 @@ active adapters directly (PEFT's `set_adapter` would also switch the modules_to_
     model = load_modality_adapters(base, "outputs/run")  # a saved one, routed the same way
 """
 
+import copy
 import inspect
 import os
 from collections.abc import Mapping, Sequence
@@ -107,7 +108,8 @@ def add_modality_adapters(model, config: LoraConfig) -> PeftModel:
     """`model` with a `vision` and a `speech` LoRA adapter of `config`, both trainable, routed per batch
     (`route_by_modality`). `config.modules_to_save` go with the `vision` adapter only (saved once)."""
     check_model(model)
-    speech_config = LoraConfig(**{**config.to_dict(), "modules_to_save": None})
+    speech_config = copy.deepcopy(config)  # before get_peft_model records the base in `config`
+    speech_config.modules_to_save = None
     peft_model = get_peft_model(model, config, adapter_name=VISION)
     peft_model.add_adapter(SPEECH, speech_config)
     # Both adapters trainable, and the modules_to_save copies (the vision adapter's) active.
