@@ -101,6 +101,19 @@ def test_a_step_changes_only_the_adapters_of_its_media(tuned, weight_decay):
     assert {name for name in speech if ".lora_B." in name} <= changed
 
 
+def test_dora_adapters_are_routed_too(tok):
+    model, processor = build(tok=tok, audio_frames_per_token=2)
+    model = setup_tuning(model, TuningArguments(**{**SETTINGS, "method": "dora"}))
+    assert all(config.use_dora for config in model.peft_config.values())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    vision, speech = adapter_weights(model, "vision"), adapter_weights(model, "speech")
+    step(model, optimizer, batches(processor)["audio"])
+    # (the vision adapter's modules_to_save copies, the projectors, train on any batch that uses them)
+    assert all(torch.equal(p, vision[name]) for name, p in adapter_weights(model, "vision").items() if "lora_" in name)
+    changed = {name for name, p in adapter_weights(model, "speech").items() if not torch.equal(p, speech[name])}
+    assert any(".lora_magnitude_vector.speech" in name for name in changed)
+
+
 def test_text_only_batches_run_the_base_lm(tuned):
     model, processor = tuned
     inputs = batches(processor)
