@@ -2,9 +2,11 @@
 
 Two LoRA adapters of the same config adapt the LM: `vision` and `speech`. Each forward activates, for the whole
 batch, the adapters of the media it carries: `pixel_values` -> vision, `input_features` / `input_values` -> speech,
-both -> both, none (a text-only batch) -> none, i.e. the base LM, as Phi-4-multimodal does, so that text prompts
-get exactly the base model's answers. An adapter that is not active is not part of the forward, so its
-parameters get no gradient at all (`grad` stays None) and AdamW, weight decay included, leaves them bit-identical.
+both -> both, none (a text-only batch) -> none, i.e. the LM without LoRA, as Phi-4-multimodal does, so that text
+prompts get the base model's answers. Routing is per batch: a batch mixing image-only and audio-only samples runs
+all of them with both adapters (training, evaluation and generation alike). An adapter that is not active is not
+part of the forward, so its parameters get no gradient at all (`grad` stays None) and AdamW, weight decay included,
+leaves them bit-identical.
 
 The fully trained modules (projectors, `trainable_modules`) belong to the `vision` adapter only (its
 `modules_to_save`), and stay active whatever the routing: they are saved once, in `<output>/vision/`, and the
