@@ -28,12 +28,14 @@ from .summary import RUN_SUMMARY
 
 
 def output_kind(path: str | os.PathLike) -> str:
-    """`"adapter"` (a LoRA / QLoRA adapter folder, base named in its config) or `"full"` (full weights: a full
-    fine-tune, a merged export, any saved mmpeft checkpoint); `ValueError` in one line for anything else."""
+    """`"adapter"` (a LoRA / QLoRA adapter folder, base named in its config; or one adapter per modality, in its
+    `vision` / `speech` subfolders) or `"full"` (full weights: a full fine-tune, a merged export, any saved mmpeft
+    checkpoint); `ValueError` in one line for anything else."""
     path = str(path)
     if not os.path.isdir(path):
         raise ValueError(f"{path}: no such folder (give the output_dir of recipes/finetune.py or recipes/merge.py)")
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+    per_modality = _modality_adapters().is_modality_adapter_output(path)  # adapter_per_modality: vision/, speech/
+    if per_modality or os.path.isfile(os.path.join(path, "adapter_config.json")):
         return "adapter"
     config = os.path.join(path, "config.json")
     if os.path.isfile(config):
@@ -67,6 +69,8 @@ def load_for_inference(
     - an adapter (`adapter_config.json`): the base named in it (`base_model_name_or_path`) with the adapter on top,
       a `PeftModel` (`merge_and_unload()` it for speed). A QLoRA adapter's base is quantized as in training (the
       config recorded next to it), so outputs are the trained model's; `quantized=False` loads it unquantized.
+      One adapter per modality (`adapter_per_modality`) loads both, each input activating those of its media as
+      in training (`mmpeft.training.modality_adapters`).
 
     Weights come from safetensors files only. The processor is the one saved in the folder, else the base's.
     `dtype` defaults to the saved one; `device` to where `from_pretrained` puts it (CPU).
@@ -76,19 +80,34 @@ def load_for_inference(
     if output_kind(path) == "full":
         model, processor_path = MMPeftForConditionalGeneration.from_pretrained(path, **options), path
     else:
-        if not os.path.isfile(os.path.join(path, SAFE_ADAPTER_NAME)):  # PEFT would fall back to a pickle
-            raise ValueError(f"{path} has no {SAFE_ADAPTER_NAME}: mmpeft loads adapters from safetensors only.")
-        base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
+        # One adapter per modality (adapter_per_modality): in PEFT's subfolders, `vision` naming the base.
+        modality_adapters = _modality_adapters()
+        per_modality = modality_adapters.is_modality_adapter_output(path)
+        folders = [os.path.join(path, name) for name in modality_adapters.ADAPTERS] if per_modality else [path]
+        for folder in folders:
+            if not os.path.isfile(os.path.join(folder, SAFE_ADAPTER_NAME)):  # PEFT would fall back to a pickle
+                raise ValueError(f"{folder} has no {SAFE_ADAPTER_NAME}: mmpeft loads adapters from safetensors only.")
+        base_path = PeftConfig.from_pretrained(folders[0]).base_model_name_or_path
         quantization = adapter_quantization(path) if quantized else None
         if quantization is not None:
             options["quantization_config"] = quantization
         base = MMPeftForConditionalGeneration.from_pretrained(base_path, **options)
-        model = PeftModel.from_pretrained(base, path)
+        if per_modality:  # both adapters, each batch routed to those of its media as in training
+            model = modality_adapters.load_modality_adapters(base, path)
+        else:
+            model = PeftModel.from_pretrained(base, path)
         has_processor = os.path.isfile(os.path.join(path, "processor_config.json"))
         processor_path = path if has_processor else base_path
     if device is not None:
         model.to(device)
     return model.eval(), MMPeftProcessor.from_pretrained(processor_path)
+
+
+def _modality_adapters():
+    # Imported when used: mmpeft.training imports this module.
+    from .training import modality_adapters
+
+    return modality_adapters
 
 
 @torch.no_grad()
@@ -172,6 +191,11 @@ def merge_adapter(
     """
     if output_kind(adapter_dir) != "adapter":
         raise ValueError(f"{adapter_dir} holds full weights already: there is no adapter to merge.")
+    if _modality_adapters().is_modality_adapter_output(adapter_dir):
+        raise ValueError(
+            f"{adapter_dir} holds one adapter per modality (vision, speech), chosen per input: merged, both would "
+            "apply to every input; load it with load_for_inference instead."
+        )
     model, processor = load_for_inference(adapter_dir, dtype=dtype, quantized=False)
     model.merge_and_unload().save_pretrained(output_dir)
     processor.save_pretrained(output_dir)

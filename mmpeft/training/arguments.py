@@ -322,6 +322,13 @@ class TuningArguments:
         default_factory=lambda: ["lm_head"],
         metadata={"help": "qlora: module names kept unquantized inside quantized parts (prefix or suffix match)."},
     )
+    adapter_per_modality: bool = field(
+        default=False,
+        metadata={
+            "help": "Two LoRA adapters on the LM, vision and speech, each batch activating those of the media it "
+            "holds (text-only: the base LM); see mmpeft/training/modality_adapters.py. Needs language_tuning: lora."
+        },
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:

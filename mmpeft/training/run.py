@@ -35,6 +35,7 @@ from .callbacks import (
     WandbRunInfoCallback,
 )
 from .checkpoints import checkpoint_to_resume, lock_output_dir, remove_incomplete_checkpoints, run_settings
+from .modality_adapters import check_settings as check_modality_settings
 from .quantization import quantization_config
 from .trainer import MMPeftTrainer
 from .tuning import count_parameters, describe_policy, setup_tuning
@@ -107,6 +108,7 @@ class Run:
             training_args,
         )
         self.callbacks = list(callbacks)
+        check_modality_settings(tuning_args, training_args)  # adapter_per_modality, before any data is prepared
         # mmpeft pushes itself, once the output is complete on disk (the Trainer would create the repo up front);
         # the token stays out of the arguments the Trainer saves (training_args.bin) and logs.
         self.push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False

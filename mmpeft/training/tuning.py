@@ -9,6 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .arguments import ConfigError, TuningArguments
 from .methods import PART_MODULES
+from .modality_adapters import add_modality_adapters, check_settings
 from .policy import ALL_LINEAR, MODULE_PARTS
 from .quantization import precision_summary
 
@@ -40,6 +41,7 @@ def setup_tuning(model, args: TuningArguments, tokenizer=None):
     """Freeze / unfreeze parts and add LoRA adapters as the policy of `args` says (`args.policy`); returns the model
     to train (a `PeftModel` when any part uses LoRA). Parts a model lacks (no audio tower, ...) are skipped.
     `tokenizer` resolves `args.trainable_tokens` to ids."""
+    check_settings(args)  # adapter_per_modality: refused here when it cannot work
     policy = args.policy
     present = {
         part: [m for m in modules if getattr(model, m, None) is not None] for part, modules in PART_MODULES.items()
@@ -70,7 +72,10 @@ def setup_tuning(model, args: TuningArguments, tokenizer=None):
         **lora_layout(model, {part: policy[part] for part in lora_parts}, present, args.lora_target_modules),
         **({"trainable_token_indices": token_ids(tokenizer, args.trainable_tokens)} if args.trainable_tokens else {}),
     )
-    model = get_peft_model(model, config)
+    if args.adapter_per_modality:  # one LoRA adapter per modality: mmpeft.training.modality_adapters
+        model = add_modality_adapters(model, config)
+    else:
+        model = get_peft_model(model, config)
     set_lora_dropout(model, {part: policy[part].lora_dropout for part in lora_parts})
     return model
 

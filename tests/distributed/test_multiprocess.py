@@ -207,3 +207,19 @@ def test_deepspeed_zero3_lora_saves_adapter_with_projectors(tmp_path):
     assert projector_weights
     for name, tensor in weights.items():
         assert torch.equal(reloaded[name], tensor), name
+
+
+def test_ddp_adapter_per_modality_ranks_train_different_adapters(tmp_path):
+    # One sample per rank in sequential order: the ranks activate different adapters in most steps, which DDP
+    # accepts only with unused-parameter detection (turned on by the setting; an explicit false is refused).
+    from mmpeft.inference import load_for_inference
+
+    output = tmp_path / "per-modality"
+    _, weights = launch(
+        "cpu_2proc.yaml", output, "--adapter_per_modality", "true", env={"ACCELERATE_USE_CPU": "true"}
+    )  # both ranks ended with the same weights (checked by launch)
+    assert any(".lora_B.vision." in name for name in weights) and any(".lora_B.speech." in name for name in weights)
+    assert all(weights[name].abs().sum() > 0 for name in weights if ".lora_B." in name)  # both adapters trained
+    saved = dict(load_for_inference(output)[0].named_parameters())
+    for name, tensor in weights.items():  # the saved adapters are what the ranks trained
+        assert torch.equal(saved[name], tensor), name

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -290,3 +291,49 @@ def test_a_bad_sample_under_on_bad_sample_error_ends_the_recipe_in_one_line(tmp_
         f"mmpeft: bad sample: {data}:5: field 'messages[0].content[0]': file not found: {tmp_path / 'missing.png'} "
         "(on_bad_sample: skip skips and counts bad samples instead)"
     )
+
+
+def test_adapter_per_modality_end_to_end(tmp_path, monkeypatch):
+    from mmpeft.inference import load_for_inference
+    from mmpeft.training.modality_adapters import ModalityRouter
+
+    routed = []
+    route = ModalityRouter.route
+    monkeypatch.setattr(ModalityRouter, "route", lambda self, names: routed.append(tuple(names)) or route(self, names))
+    output = tmp_path / "per-modality"
+    # One sample per micro-batch: image, audio, image+audio and text-only batches each route differently.
+    trainer = finetune.main(
+        [
+            *TINY,
+            "--adapter_per_modality",
+            "true",
+            "--per_device_train_batch_size",
+            "1",
+            "--gradient_accumulation_steps",
+            "8",
+            "--output_dir",
+            str(output),
+            "--learning_rate",
+            "3e-3",
+            "--report_to",
+            "none",
+        ]
+    )
+    history = losses(trainer)
+    assert len(history) == 12 and all(map(math.isfinite, history))
+    assert sum(history[-3:]) < sum(history[:3])
+    assert {("vision",), ("speech",), ("vision", "speech"), ()} <= set(routed)
+
+    for name in ("vision/adapter_model.safetensors", "speech/adapter_model.safetensors", "eval_results.json"):
+        assert (output / name).exists(), name
+    results = json.loads((output / "eval_results.json").read_text())
+    assert {"eval_accuracy_image", "eval_accuracy_audio"} <= set(results)
+
+    # mmpeft's loading gives the trained model's logits, on image-only and on audio-only batches.
+    reloaded, processor = load_for_inference(output)
+    trained = trainer.model.eval()
+    rows = trainer.eval_dataset.rows
+    for task in ("image", "audio"):
+        batch = batch_of(processor, rows.select([i for i, t in enumerate(rows["task"]) if t == task][:3]))
+        with torch.no_grad():
+            assert torch.equal(reloaded(**batch).logits, trained(**batch).logits), task
