@@ -11,7 +11,7 @@ from peft import PeftModel
 from recipe_helpers import TINY, finetune, losses
 from test_qlora import logits
 from test_tuning import batch, changed_by_one_step, part_of
-from tiny_parts import build
+from tiny_parts import build, media
 
 from mmpeft import MMPeftForConditionalGeneration, MMPeftProcessor
 from mmpeft.inference import merge_adapter
@@ -173,9 +173,14 @@ def test_trainable_tokens_train_only_their_rows_and_reload(tok, tmp_path):
     torch.testing.assert_close(logits(merged, processor, rows), expected, atol=1e-4, rtol=1e-4)
 
 
+def image_batch(processor):
+    images, _ = media(1, num_images=1)
+    return processor(text=["<image> what is shown"], images=images, return_tensors="pt")
+
+
 def check_one_step(model, processor, policy, trainable_modules=()):
-    """Run the policy check around one AdamW step of `model`, as the Trainer calls it."""
-    callback = PolicyCheckCallback(policy, trainable_modules)
+    """Run the policy check around one AdamW step of `model`, as the Trainer calls it (a window of one step)."""
+    callback = PolicyCheckCallback(policy, trainable_modules, window=1)
     args, state = types.SimpleNamespace(device=torch.device("cpu")), types.SimpleNamespace(global_step=0)
     callback.on_train_begin(args, state, None, model=model)
     changed_by_one_step(model, batch(processor))
@@ -196,8 +201,25 @@ def test_policy_check_passes_a_correct_setup_and_names_a_silent_failure(tok, cap
     for name, parameter in model.named_parameters():
         if "projector" in name:
             parameter.requires_grad_(False)
-    with pytest.raises(PolicyCheckError, match="projector should train \\(full\\) but none of its weights changed"):
+    with pytest.raises(
+        PolicyCheckError, match="projector should train \\(full\\) but none of its weights changed in 1"
+    ):
         check_one_step(model, processor, args.policy)
+
+    # A part its batches do not reach is checked in later steps: no audio in the first step, audio in the second.
+    model, processor = build(tok=tok)
+    audio_lora = TuningArguments(method="lora", audio_tuning="lora")
+    model = setup_tuning(model, audio_lora)
+    callback = PolicyCheckCallback(audio_lora.policy, window=2)
+    state = types.SimpleNamespace(global_step=0)
+    callback.on_train_begin(None, state, None, model=model)
+    steps = [{**inputs, "labels": inputs["input_ids"]} for inputs in (image_batch(processor), batch(processor))]
+    changed_by_one_step(model, steps[0])
+    callback.on_optimizer_step(types.SimpleNamespace(device=torch.device("cpu")), state, None, model=model)
+    assert callback.pending == ["audio"]
+    changed_by_one_step(model, steps[1])
+    callback.on_optimizer_step(types.SimpleNamespace(device=torch.device("cpu")), state, None, model=model)
+    assert callback.pending == [] and callback.before is None
 
     # A frozen encoder that trains anyway: an error naming its weights.
     model, processor = build(tok=tok)
