@@ -138,6 +138,20 @@ def _check_part(part: str, policy: PartPolicy) -> None:
             raise PolicyError(f"{part}.lora_target_modules: not a valid regex ({error}): {targets}") from None
 
 
+def describe_parts(policy: dict, learning_rate: float, weight_decay: float) -> str:
+    """The policy in one line, as the run summary and the model card record it:
+    `vision: lora r=8 lr=0.0002 wd=0; audio: frozen; ...`."""
+    parts = []
+    for part, how in policy.items():
+        if how.tuning == "frozen":
+            parts.append(f"{part}: frozen")
+            continue
+        rank = f" r={how.lora_r}" if how.tuning == "lora" else ""
+        rates = f"lr={how.resolved_learning_rate(learning_rate):.3g} wd={how.resolved_weight_decay(weight_decay):.3g}"
+        parts.append(f"{part}: {how.tuning}{rank} {rates}")
+    return "; ".join(parts)
+
+
 def part_of_parameter(name: str) -> str | None:
     """The part a parameter belongs to, by its name in the model or the `PeftModel` around it (None: none)."""
     root = name.removeprefix("base_model.model.").split(".", 1)[0]
@@ -176,6 +190,7 @@ __all__ = [
     "PART_SETTINGS",
     "PartPolicy",
     "PolicyError",
+    "describe_parts",
     "optimizer_groups",
     "part_of_parameter",
     "resolve_policy",

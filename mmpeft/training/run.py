@@ -36,6 +36,7 @@ from .callbacks import (
 )
 from .checkpoints import checkpoint_to_resume, lock_output_dir, remove_incomplete_checkpoints, run_settings
 from .modality_adapters import check_settings as check_modality_settings
+from .policy import describe_parts
 from .quantization import quantization_config
 from .trainer import MMPeftTrainer
 from .tuning import count_parameters, describe_policy, setup_tuning
@@ -56,6 +57,7 @@ HYPERPARAMETERS = (
 )
 SHOWN_METRICS = ("eval_accuracy", "eval_loss", "eval_wer", "eval_bleu")  # in the run's last line
 LORA_HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "lora_kwargs")
+OPTIONAL_HYPERPARAMETERS = ("loraplus_lr_ratio", "trainable_tokens", "adapter_per_modality")  # recorded when set
 
 
 class TrainingStopped(Exception):
@@ -198,6 +200,10 @@ class Run:
                     if tuning_args.tuning_method.uses_adapter
                     else {}
                 ),
+                "parts": describe_parts(policy, args.learning_rate, args.weight_decay),
+                **{
+                    name: getattr(tuning_args, name) for name in OPTIONAL_HYPERPARAMETERS if getattr(tuning_args, name)
+                },
             },
             datasets=[spec["path"] for spec in data_args.train_data],
             # How a QLoRA adapter's base was quantized: mmpeft.inference loads it the same way to evaluate or chat.

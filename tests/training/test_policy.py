@@ -148,6 +148,9 @@ def test_trainable_tokens_train_only_their_rows_and_reload(tok, tmp_path):
     )  # fmt: skip
     history = losses(trainer)
     assert sum(history[-3:]) < 0.8 * sum(history[:3])
+    recorded = json.loads((output / "run_summary.json").read_text())["hyperparameters"]
+    assert recorded["parts"].startswith("vision: lora r=4 lr=0.0003 wd=0; audio: frozen; projector: full lr=0.003")
+    assert (recorded["loraplus_lr_ratio"], recorded["trainable_tokens"]) == (4, tokens)
     model = trainer.model
     ids = [trainer.processing_class.tokenizer.convert_tokens_to_ids(token) for token in tokens]
     adapter = json.loads((output / "adapter_config.json").read_text())
