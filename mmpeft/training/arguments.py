@@ -20,6 +20,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..data.sources import MediaPolicy
 from .methods import METHODS, PART_MODULES, PART_TUNINGS, TuningMethod, check_lora_kwargs
+from .peft_init import check_initialisation
 
 
 class ConfigError(ValueError):
@@ -306,6 +307,7 @@ class TuningArguments:
         self.lora_kwargs = _lora_kwargs(self.lora_kwargs)
         try:
             check_lora_kwargs(self.lora_kwargs)
+            check_initialisation(self.lora_kwargs, self.tuning_method.quantized)  # mmpeft.training.peft_init
         except ValueError as error:
             raise ConfigError(str(error)) from None
         if self.lora_kwargs and self.tuning_method.uses_adapter:

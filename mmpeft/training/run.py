@@ -29,6 +29,7 @@ from .arguments import DataArguments, MMPeftTrainingArguments, ModelArguments, T
 from .builders import check_streaming, load_datasets, load_model, reference_checkpoint
 from .callbacks import EncoderCheckpointingCallback, LogResume, RunSummaryCallback, WandbRunInfoCallback
 from .checkpoints import checkpoint_to_resume, lock_output_dir, remove_incomplete_checkpoints, run_settings
+from .peft_init import initialise
 from .quantization import describe_precision, quantization_config
 from .trainer import MMPeftTrainer
 from .tuning import count_parameters, describe_trainable, setup_tuning
@@ -172,6 +173,7 @@ class Run:
             encoder_learning_rate_scale=tuning_args.encoder_learning_rate_scale,
             run_settings=settings,
         )
+        initialise(trainer, self.checkpoint)  # PiSSA / OLoRA / EVA: before training (mmpeft.training.peft_init)
         if args.gradient_checkpointing and not tuning_args.encoder_gradient_checkpointing:
             trainer.add_callback(EncoderCheckpointingCallback())
         if args.early_stopping_patience is not None:
