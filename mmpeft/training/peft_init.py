@@ -7,7 +7,8 @@
   ordinary LoRA of rank 2r (dW = A B - A0 B0) that reloads and merges on the untouched base
   (`save_as_lora_of_the_base`). Checkpoints keep the adapter as trained, for resuming: the same initialisation
   runs again on the same base (deterministic: PiSSA's SVD, OLoRA's QR; `pissa_niter_<n>` from the run's seed),
-  then the checkpoint's adapter is loaded over it.
+  then the checkpoint's adapter is loaded over it. Refused under ZeRO-3 / FSDP, whose sharded parameters the
+  conversion cannot read.
 - `eva` takes its initial `lora_A` from an SVD of the layers' inputs over training batches
   (`peft.initialize_lora_eva_weights`), and may redistribute ranks among layers (`rank_pattern` in the saved
   adapter config). It runs once before training (`initialise`); a resumed run takes the ranks from its
@@ -94,6 +95,15 @@ def initialise(trainer, checkpoint: str | None = None) -> None:
     if config is None:
         return
     kind = init_kind(config.init_lora_weights)
+    if kind in BASE_REWRITING and _shards_parameters(trainer):
+        from .arguments import ConfigError  # arguments imports this module
+
+        # The conversion of the final adapter reads the live parameters, which ZeRO-3 / FSDP hold in shards.
+        raise ConfigError(
+            f"lora_kwargs: init_lora_weights {kind} is not supported under DeepSpeed ZeRO-3 or FSDP (the saved "
+            "adapter could not be converted into a LoRA of the original base); use DDP or ZeRO-2, or another "
+            "initialisation"
+        )
     if kind in BASE_REWRITING:
         # Saved again on resume: the same initialisation ran again, and the conversion needs the one in memory.
         model.save_pretrained(initial_adapter_dir(trainer.args.output_dir), is_main_process=trainer.args.should_save)
@@ -112,6 +122,14 @@ def initialise(trainer, checkpoint: str | None = None) -> None:
             )
         finally:
             model.train(was_training)
+
+
+def _shards_parameters(trainer) -> bool:
+    """Whether `trainer` trains under DeepSpeed ZeRO-3 or FSDP (parameters split across processes)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return bool(getattr(trainer, "is_deepspeed_enabled", False) and plugin and plugin.zero_stage == 3)
 
 
 def _forward(model, inputs: dict):

@@ -5,17 +5,19 @@ and EVA reads the data before training (`mmpeft.training.peft_init`): their runs
 the same result."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from recipe_helpers import TINY, finetune, losses
 from safetensors.torch import load_file
+from tiny_parts import build
 
 from mmpeft import MMPeftForConditionalGeneration
 from mmpeft.data import MMPeftDataCollator, MMPeftDataset
 from mmpeft.inference import load_for_inference, merge_adapter
-from mmpeft.training import ConfigError, TuningArguments
-from mmpeft.training.peft_init import INITIAL_ADAPTER, rewrites_base_weights
+from mmpeft.training import ConfigError, TuningArguments, setup_tuning
+from mmpeft.training.peft_init import INITIAL_ADAPTER, initialise, rewrites_base_weights
 
 
 STEPS = [
@@ -143,3 +145,13 @@ def test_resumed_from_a_checkpoint_it_ends_as_the_uninterrupted_run(name, tmp_pa
 def test_initialisations_mmpeft_cannot_reproduce_are_refused_at_config_time(settings, message):
     with pytest.raises(ConfigError, match=message):
         TuningArguments(**settings)
+
+
+def test_pissa_and_olora_under_zero3_are_refused_before_training(tok):
+    """The final conversion reads the live adapter, which ZeRO-3 holds in shards: refused before any step."""
+    model, _ = build(tok=tok)
+    model = setup_tuning(model, TuningArguments(lora_kwargs={"init_lora_weights": "olora"}))
+    zero3 = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    trainer = SimpleNamespace(model=model, is_deepspeed_enabled=True, is_fsdp_enabled=False, accelerator=zero3)
+    with pytest.raises(ConfigError, match=r"init_lora_weights olora is not supported under DeepSpeed ZeRO-3"):
+        initialise(trainer)
