@@ -29,6 +29,7 @@ MODEL_CODE = ("configuration_mmpeft.py", "modeling_mmpeft.py", "processing_mmpef
 IGNORE_PATTERNS = [
     "checkpoint-*",
     "checkpoint-*/**",
+    "initial_adapter/**",  # PiSSA / OLoRA: the adapter before training, the output's conversion only needed it
     "wandb/**",
     "runs/**",
     "*.bin",

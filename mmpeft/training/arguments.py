@@ -19,12 +19,10 @@ from huggingface_hub import try_to_load_from_cache
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..data.sources import MediaPolicy
+from .errors import ConfigError
 from .methods import METHODS, PART_MODULES, PART_TUNINGS, TuningMethod, check_lora_kwargs
+from .peft_init import check_initialisation
 from .policy import PART_SETTINGS, PartPolicy, PolicyError, resolve_policy
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work, named with its value and the fix (the recipes print it as one line)."""
 
 
 # Values a config may hold once its YAML aliases (*name) are expanded: real configs hold a few hundred, and an alias
@@ -364,6 +362,9 @@ class TuningArguments:
                 )
         try:
             check_lora_kwargs(self.lora_kwargs)
+            lora_parts = [how for how in self.policy.values() if how.tuning == "lora"]
+            ranks_per_part = len({(how.lora_r, how.lora_alpha) for how in lora_parts}) > 1
+            check_initialisation(self.lora_kwargs, self.tuning_method.quantized, ranks_per_part)  # peft_init
         except ValueError as error:
             raise ConfigError(str(error)) from None
         if self.lora_kwargs and self.tuning_method.uses_adapter:

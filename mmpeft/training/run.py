@@ -36,6 +36,7 @@ from .callbacks import (
 )
 from .checkpoints import checkpoint_to_resume, lock_output_dir, remove_incomplete_checkpoints, run_settings
 from .modality_adapters import check_settings as check_modality_settings
+from .peft_init import initialise
 from .policy import describe_parts
 from .quantization import quantization_config
 from .trainer import MMPeftTrainer
@@ -184,6 +185,7 @@ class Run:
             run_settings=settings,
         )
         trainer.add_callback(PolicyCheckCallback(policy, tuning_args.trainable_modules))
+        initialise(trainer, self.checkpoint)  # PiSSA / OLoRA / EVA: before training (mmpeft.training.peft_init)
         if args.gradient_checkpointing and not tuning_args.encoder_gradient_checkpointing:
             trainer.add_callback(EncoderCheckpointingCallback())
         if args.early_stopping_patience is not None:

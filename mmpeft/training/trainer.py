@@ -21,10 +21,8 @@ from ..inference import evaluate_generation
 from .callbacks import DataClock, PeakMemory, StopOnSignalCallback
 from .checkpoints import clear_disk_full_error, mark_complete, unmark
 from .packing import check_padding_free_attention, use_packed_attention
+from .peft_init import save_as_lora_of_the_base
 from .policy import optimizer_groups
-
-
-# Parameters of the encoders, whatever wraps the model (PEFT, DDP).
 
 
 def logits_for_labels_only(inputs: dict) -> dict:
@@ -113,11 +111,14 @@ class MMPeftTrainer(Trainer):
             rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def save_model(self, output_dir=None, _internal_call=False):
-        """Trainer's `save_model`; a full disk while saving the final model is said so, naming the folder."""
+        """Trainer's `save_model`; a full disk while saving the final model is said so, naming the folder. The final
+        adapter of a base-rewriting initialisation (PiSSA, OLoRA) is saved as a LoRA of the untouched base
+        (`mmpeft.training.peft_init`); checkpoints keep it as trained, for resuming."""
         if _internal_call:  # a checkpoint's weights: `_save_checkpoint` handles a full disk
             return super().save_model(output_dir, _internal_call)
         with clear_disk_full_error(output_dir or self.args.output_dir):
-            return super().save_model(output_dir, _internal_call)
+            super().save_model(output_dir, _internal_call)
+            save_as_lora_of_the_base(self, output_dir or self.args.output_dir)
 
     @property
     def stop_signal(self) -> int | None:
